@@ -1,0 +1,169 @@
+"""Strict mapping between PyTorch state dicts and sd_jax parameter trees.
+
+sd_jax's Flax modules carry diffusers' / transformers' module names, with a
+list index written ``name_i`` instead of ``name.i``. One explicit rule maps a
+parameter path to its PyTorch name::
+
+    ("down_blocks_0", "resnets_1", "conv1", "kernel") <-> "down_blocks.0.resnets.1.conv1.weight"
+
+and one table says how arrays change layout (PyTorch OIHW convolutions to
+Flax HWIO, (out, in) linear weights to (in, out), and 1x1 convolutions stored
+as linear layers or the other way round). Loading is strict: every parameter
+is filled exactly once with the right shape, every tensor is used, and every
+mismatch is reported in one error that lists the names.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+
+# Module names that are PyTorch ``nn.ModuleList``/``nn.Sequential`` containers.
+LIST_CONTAINERS = frozenset({
+    "down_blocks", "up_blocks", "resnets", "attentions", "downsamplers", "upsamplers",
+    "transformer_blocks", "layers", "to_out", "net",
+})
+_LEAF_TO_TORCH = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
+_INDEXED = re.compile(r"(?P<name>[A-Za-z_]+?)_(?P<index>\d+)")
+
+
+class WeightMismatchError(ValueError):
+    """A state dict does not match the parameter tree it is loaded into."""
+
+
+def flax_path_to_torch_name(path: tuple[str, ...]) -> str:
+    """("resnets_0", "conv1", "kernel") -> "resnets.0.conv1.weight"."""
+    parts: list[str] = []
+    for part in path[:-1]:
+        match = _INDEXED.fullmatch(part)
+        if match and match["name"] in LIST_CONTAINERS:
+            parts += [match["name"], match["index"]]
+        else:
+            parts.append(part)
+    leaf = path[-1]
+    if leaf not in _LEAF_TO_TORCH:
+        raise ValueError(f"parameter {'/'.join(path)} has leaf {leaf!r}; expected one of {sorted(_LEAF_TO_TORCH)}")
+    return ".".join(parts + [_LEAF_TO_TORCH[leaf]])
+
+
+def flatten_tree(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+    """Nested dict -> {path tuple: leaf}."""
+    flat: dict[tuple[str, ...], Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            flat.update(flatten_tree(value, prefix + (key,)))
+        else:
+            flat[prefix + (key,)] = value
+    return flat
+
+
+def unflatten_tree(flat: Mapping[tuple[str, ...], Any]) -> dict[str, Any]:
+    """{path tuple: leaf} -> nested dict."""
+    tree: dict[str, Any] = {}
+    for path, value in flat.items():
+        node = tree
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
+    return tree
+
+
+def torch_to_flax_array(array: np.ndarray, leaf: str, target_shape: tuple[int, ...]) -> np.ndarray:
+    """Re-lay a PyTorch tensor for a Flax parameter of ``target_shape``."""
+    if leaf == "kernel" and array.ndim == 4:            # conv (O, I, kh, kw)
+        if len(target_shape) == 2:                      # ... stored as a 1x1 conv, used as linear
+            return array.reshape(array.shape[:2]).T if array.shape[2:] == (1, 1) else array
+        return array.transpose(2, 3, 1, 0)              # -> (kh, kw, I, O)
+    if leaf == "kernel" and array.ndim == 2:            # linear (O, I)
+        if len(target_shape) == 4:                      # ... used as a 1x1 conv
+            return array.T.reshape(1, 1, *array.T.shape)
+        return array.T                                  # -> (I, O)
+    return array
+
+
+def flax_to_torch_array(array: np.ndarray, leaf: str) -> np.ndarray:
+    """Inverse of :func:`torch_to_flax_array` for the layout the Flax module uses."""
+    if leaf == "kernel" and array.ndim == 4:
+        return np.ascontiguousarray(array.transpose(3, 2, 0, 1))  # (kh, kw, I, O) -> (O, I, kh, kw)
+    if leaf == "kernel" and array.ndim == 2:
+        return np.ascontiguousarray(array.T)
+    return np.ascontiguousarray(array)
+
+
+def _listing(title: str, names: Iterable[str], limit: int = 25) -> str:
+    """A bulleted list of at most ``limit`` names with a count of the rest."""
+    names = sorted(names)
+    lines = [f"{title} ({len(names)}):"] + [f"  - {n}" for n in names[:limit]]
+    if len(names) > limit:
+        lines.append(f"  ... and {len(names) - limit} more")
+    return "\n".join(lines)
+
+
+def load_state_dict(target: Mapping[str, Any], state: Mapping[str, np.ndarray], *, what: str,
+                    ignore: Iterable[str] = (), dtype: Any = None,
+                    ) -> tuple[dict[str, Any], list[str]]:
+    """Fill a parameter tree of shapes from a PyTorch-named state dict, strictly.
+
+    ``target`` is a nested dict whose leaves have ``.shape`` and ``.dtype`` (the
+    output of ``jax.eval_shape(model.init, ...)["params"]``). ``ignore`` names
+    regular expressions of buffers that are skipped (and reported back, so the
+    caller can say what it skipped). Returns ``(params, skipped_names)``; the
+    arrays are numpy, cast to ``dtype`` or to each target leaf's dtype.
+    Raises :class:`WeightMismatchError` listing every missing, unexpected and
+    mis-shaped name at once.
+    """
+    ignore_re = [re.compile(p) for p in ignore]
+    wanted = {flax_path_to_torch_name(path): path for path in flatten_tree(target)}
+    flat_target = flatten_tree(target)
+    missing = [name for name in wanted if name not in state]
+    skipped, unexpected = [], []
+    for name in state:
+        if name in wanted:
+            continue
+        (skipped if any(r.fullmatch(name) for r in ignore_re) else unexpected).append(name)
+    params: dict[tuple[str, ...], np.ndarray] = {}
+    bad_shapes = []
+    for name, path in wanted.items():
+        if name not in state:
+            continue
+        spec = flat_target[path]
+        array = torch_to_flax_array(np.asarray(state[name]), path[-1], tuple(spec.shape))
+        if tuple(array.shape) != tuple(spec.shape):
+            bad_shapes.append(f"{name}: file has {tuple(state[name].shape)}, model expects "
+                              f"{_torch_shape(path[-1], tuple(spec.shape))}")
+            continue
+        params[path] = np.asarray(array, dtype=dtype or spec.dtype)
+    if missing or unexpected or bad_shapes:
+        parts = [f"the {what} weights do not match the {what} configuration"]
+        if bad_shapes:
+            parts.append(_listing("shape mismatches", bad_shapes))
+        if missing:
+            parts.append(_listing("missing from the file", missing))
+        if unexpected:
+            parts.append(_listing("in the file but not in the model", unexpected))
+        parts.append("check that the config.json (or the detected architecture) belongs to these weights")
+        raise WeightMismatchError("\n".join(parts))
+    return unflatten_tree(params), sorted(skipped)
+
+
+def _torch_shape(leaf: str, flax_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The PyTorch-layout shape of a Flax parameter shape, for error messages."""
+    if leaf == "kernel" and len(flax_shape) == 4:
+        return (flax_shape[3], flax_shape[2], flax_shape[0], flax_shape[1])
+    if leaf == "kernel" and len(flax_shape) == 2:
+        return (flax_shape[1], flax_shape[0])
+    return flax_shape
+
+
+def export_state_dict(params: Mapping[str, Any], dtype: Any = None) -> dict[str, np.ndarray]:
+    """Parameter tree -> PyTorch-named, PyTorch-laid-out numpy state dict."""
+    out = {}
+    for path, leaf in flatten_tree(params).items():
+        array = np.asarray(leaf)
+        if dtype is not None:
+            array = array.astype(dtype)
+        out[flax_path_to_torch_name(path)] = flax_to_torch_array(array, path[-1])
+    return out
