@@ -24,6 +24,8 @@ IMPLEMENTATIONS = ("auto", "blocked", "cudnn", "pallas", "xla", "naive")
 
 # Below this many (query x key) scores per head the plain kernel is cheapest.
 _SMALL_SCORES = 512 * 512
+# Cross-attention to a 77-token prompt: the score matrix is small whatever the query length.
+_SHORT_KEYS = 128
 QUERY_BLOCK = 256
 KEY_BLOCK = 512
 
@@ -31,7 +33,7 @@ KEY_BLOCK = 512
 def choose_implementation(backend: str, dtype, q_len: int, k_len: int, head_dim: int,
                           causal: bool = False) -> str:
     """Pick the attention kernel for a backend, dtype and shape ("auto" resolution)."""
-    if q_len * k_len <= _SMALL_SCORES:
+    if q_len * k_len <= _SMALL_SCORES or k_len <= _SHORT_KEYS:
         return "naive"
     dtype = jnp.dtype(dtype)
     if backend == "gpu" or backend == "cuda":
