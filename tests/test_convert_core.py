@@ -31,6 +31,10 @@ def _target():
 
 
 def _state(rng):
+    return {k: v.astype(np.float32) for k, v in _state64(rng).items()}
+
+
+def _state64(rng):
     return {"conv.weight": rng.standard_normal((8, 4, 3, 3)), "conv.bias": rng.standard_normal(8),
             "dense.weight": rng.standard_normal((6, 5)),
             "as_dense.weight": rng.standard_normal((8, 8, 1, 1)),  # a 1x1 conv feeding a Dense
