@@ -19,18 +19,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sd_jax import images as imageio
+from sd_jax import sampling
 from sd_jax.convert import core
-from sd_jax.convert.diffusers import (IGNORED_BUFFERS, ModelFolderError, component_folder,
-                                      read_component_state, read_json)
+from sd_jax.convert.diffusers import IGNORED_BUFFERS
+from sd_jax.convert.source import MODEL_KEYS, ModelFiles, load_model_files
 from sd_jax.models.clip import CLIPTextConfig, CLIPTextModel
 from sd_jax.models.unet import UNet2DConditionModel, UNetConfig
 from sd_jax.models.vae import AutoencoderKL, VAEConfig
+from sd_jax.schedulers import NoiseScheduleConfig, get_scheduler, scheduler_name_for_config
 from sd_jax.tokenizer import load_tokenizer
 
 log = logging.getLogger("sd_jax")
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-MODEL_KEYS = ("text_encoder", "unet", "vae")
 
 
 def parse_dtype(dtype: Any, what: str = "dtype") -> Any:
@@ -67,39 +69,36 @@ class StableDiffusion:
     # ------------------------------------------------------------------ loading
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: Any = "float32", *, param_dtype: Any = None,
-                        variant: str | None = None, attention: str = "auto",
-                        remat: bool = False) -> StableDiffusion:
-        """Load a diffusers folder. ``dtype`` is the compute dtype; parameters are
-        stored in ``param_dtype`` (default: the same as ``dtype``)."""
+                        variant: str | None = None, attention: str = "auto", remat: bool = False,
+                        use_ema: bool = True, config: str | Path | None = None,
+                        **hub_options: Any) -> StableDiffusion:
+        """Load a diffusers folder, a CompVis single file or a hub id.
+
+        ``dtype`` is the compute dtype; parameters are stored in ``param_dtype``
+        (default: the same as ``dtype``). ``use_ema`` picks a full-EMA file's EMA
+        UNet weights; ``config`` overrides single-file architecture detection.
+        """
         compute = parse_dtype(dtype)
         storage = parse_dtype(param_dtype, "param_dtype") if param_dtype is not None else compute
-        root = Path(path).expanduser()
-        if not root.exists():
-            raise ModelFolderError(
-                f"model path {str(path)!r} does not exist; pass a diffusers folder "
-                "(with model_index.json, unet/, vae/, text_encoder/, tokenizer/)")
-        if not root.is_dir():
-            raise ValueError(f"{root} is a file; loading single-file checkpoints is not supported yet, "
-                             "pass a diffusers folder")
-        configs = {name: read_json(component_folder(root, name) / "config.json") for name in MODEL_KEYS}
-        text_cfg = _config(CLIPTextConfig.from_transformers, configs["text_encoder"], root / "text_encoder")
-        unet_cfg = _config(UNetConfig.from_diffusers, configs["unet"], root / "unet")
-        vae_cfg = _config(VAEConfig.from_diffusers, configs["vae"], root / "vae")
-        sched_file = root / "scheduler" / "scheduler_config.json"
-        scheduler_config = read_json(sched_file) if sched_file.exists() else {}
-        tok_dir = root / "tokenizer"
-        tokenizer = load_tokenizer(tok_dir if tok_dir.is_dir() else None)
+        files = load_model_files(path, variant=variant, use_ema=use_ema, config=config, **hub_options)
+        return cls.from_model_files(files, compute, storage, attention=attention, remat=remat)
 
+    @classmethod
+    def from_model_files(cls, files: ModelFiles, dtype: Any = jnp.float32, param_dtype: Any = None, *,
+                         attention: str = "auto", remat: bool = False) -> StableDiffusion:
+        """Build the modules and fill their parameters strictly from a :class:`ModelFiles`."""
+        param_dtype = dtype if param_dtype is None else param_dtype
+        cfg = files.configs
         modules = dict(
-            text_encoder=CLIPTextModel(text_cfg, dtype=compute, param_dtype=storage),
-            unet=UNet2DConditionModel(unet_cfg, dtype=compute, param_dtype=storage,
+            text_encoder=CLIPTextModel(cfg["text_encoder"], dtype=dtype, param_dtype=param_dtype),
+            unet=UNet2DConditionModel(cfg["unet"], dtype=dtype, param_dtype=param_dtype,
                                       remat=remat, attention=attention),
-            vae=AutoencoderKL(vae_cfg, dtype=compute, param_dtype=storage, attention=attention),
+            vae=AutoencoderKL(cfg["vae"], dtype=dtype, param_dtype=param_dtype, attention=attention),
         )
         params, skipped = {}, {}
         for name in MODEL_KEYS:
             shapes = param_shapes(modules[name], *_example_inputs(name, modules[name].config))
-            state = read_component_state(root / name, name, variant)
+            state = files.states.pop(name)
             tree, skipped[name] = core.load_state_dict(shapes, state, what=name.replace("_", " "),
                                                        ignore=IGNORED_BUFFERS[name])
             del state
@@ -107,8 +106,9 @@ class StableDiffusion:
             del tree
             if skipped[name]:
                 log.info("%s: skipped buffers %s", name, ", ".join(skipped[name]))
-        return cls(tokenizer=tokenizer, params=params, scheduler_config=scheduler_config,
-                   source=str(path), skipped_weights=skipped, **modules)
+        tokenizer = load_tokenizer(files.tokenizer_dir)
+        return cls(tokenizer=tokenizer, params=params, scheduler_config=files.scheduler_config,
+                   source=files.source, skipped_weights=skipped, **modules)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -171,13 +171,191 @@ class StableDiffusion:
                              f"got shape {latents.shape}")
         return _decode_latents(self.vae, self.params["vae"], latents, self.scaling_factor)
 
+    # ------------------------------------------------------------------ sampling
+    def __call__(self, prompt: str | Sequence[str], **kwargs: Any) -> list[Any]:
+        """Generate images; see :meth:`generate` for the arguments. Returns PIL images."""
+        return self.generate(prompt, **kwargs).images
 
-def _config(reader: Any, data: dict[str, Any], folder: Path) -> Any:
-    """Read a model config, naming the file in any error."""
-    try:
-        return reader(data)
-    except (ValueError, TypeError, KeyError) as err:
-        raise ValueError(f"{folder / 'config.json'}: {err}") from None
+    def noise_schedule(self) -> NoiseScheduleConfig:
+        """The model folder's scheduler configuration (SD v1.4's when it has none)."""
+        if not self.scheduler_config:
+            return NoiseScheduleConfig.sd_v1()
+        return NoiseScheduleConfig.from_diffusers_config(self.scheduler_config)
+
+    def generate(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None,
+                 height: int = 512, width: int = 512, num_inference_steps: int = 50,
+                 guidance_scale: float | Sequence[float] = 7.5, scheduler: str | None = None,
+                 seed: int | Sequence[int] | None = 0, num_images_per_prompt: int = 1,
+                 latents: Any = None, eta: float = 0.0, init_image: Any = None, strength: float = 0.8,
+                 mask_image: Any = None, clip_skip: int = 0, batch_size: int | None = None,
+                 devices: Sequence[Any] | None = None) -> GenerationResult:
+        """Text (and optionally an init image and mask) -> images.
+
+        ``prompt`` a string or list; each prompt gives ``num_images_per_prompt``
+        images, in order. ``seed``: image b gets ``seed + b`` (or pass one seed
+        per image); see :mod:`sd_jax.sampling` for how a seed becomes noise.
+        ``guidance_scale`` one value or one per image. ``latents`` (B, h, w, 4)
+        unit-variance noise replaces the random draw (scaled by the solver's
+        initial sigma, as diffusers does). ``init_image`` (+ ``strength``) is
+        img2img, ``mask_image`` (white = repaint) inpainting. ``batch_size``
+        images go through one compiled call (default: all); the batch is
+        split over ``devices`` (default: all local devices).
+        """
+        req = self._check_request(prompt, negative_prompt, height, width, num_inference_steps,
+                                  guidance_scale, scheduler, seed, num_images_per_prompt, latents,
+                                  eta, init_image, strength, mask_image, batch_size)
+        mesh = sampling.data_mesh(devices)
+        chunk = req["batch_size"]
+        chunk += -chunk % mesh.size
+        outputs = []
+        for start in range(0, req["total"], chunk):
+            sl = slice(start, min(start + chunk, req["total"]))
+            outputs.append(self._generate_chunk(req, sl, chunk, mesh, clip_skip))
+        images = np.concatenate(outputs, axis=0)
+        return GenerationResult(images=imageio.to_pil(images), array=images, seeds=req["seeds"],
+                                prompts=req["prompts"], negative_prompts=req["negatives"],
+                                guidance_scales=req["guidance"], scheduler=req["scheduler"],
+                                num_inference_steps=num_inference_steps, height=height, width=width)
+
+    def _check_request(self, prompt, negative_prompt, height, width, steps, guidance, scheduler, seed,
+                       per_prompt, latents, eta, init_image, strength, mask_image, batch_size) -> dict:
+        """Validate every argument before any work; expand prompts, seeds and scales per image."""
+        factor = self.vae_scale_factor
+        for name, value in (("height", height), ("width", width)):
+            if not isinstance(value, (int, np.integer)) or value <= 0 or value % factor:
+                raise ValueError(f"{name}={value!r} must be a positive multiple of {factor}")
+        if not isinstance(steps, (int, np.integer)) or steps < 1:
+            raise ValueError(f"num_inference_steps={steps!r} must be an integer >= 1")
+        if not isinstance(per_prompt, (int, np.integer)) or per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt={per_prompt!r} must be an integer >= 1")
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ValueError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
+        if negative_prompt is None or isinstance(negative_prompt, str):
+            negatives = [negative_prompt or ""] * len(prompts)
+        else:
+            negatives = list(negative_prompt)
+            if len(negatives) != len(prompts):
+                raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
+        prompts = [p for p in prompts for _ in range(per_prompt)]
+        negatives = [n for n in negatives for _ in range(per_prompt)]
+        total = len(prompts)
+        scales = [float(guidance)] * total if np.isscalar(guidance) else [float(g) for g in guidance]
+        if len(scales) != total or not all(np.isfinite(g) and g >= 0 for g in scales):
+            raise ValueError(f"guidance_scale {guidance!r} must be one finite value >= 0 or one per image "
+                             f"({total} images)")
+        name = scheduler or scheduler_name_for_config(self.noise_schedule())
+        get_scheduler(name)  # raises on an unknown name, listing the valid ones
+        if eta and name != "ddim":
+            raise ValueError(f"eta={eta!r} only applies to the ddim scheduler (scheduler is {name!r})")
+        if mask_image is not None and init_image is None:
+            raise ValueError("mask_image needs init_image (the image to inpaint)")
+        if init_image is not None and not 0.0 < float(strength) <= 1.0:
+            raise ValueError(f"strength={strength!r} must be in (0, 1]")
+        if self.unet.config.in_channels == 9 and mask_image is None:
+            raise ValueError("this is an inpainting model (9-channel UNet): pass init_image and mask_image")
+        shape = (height // factor, width // factor, self.vae.config.latent_channels)
+        if latents is not None:
+            latents = np.asarray(latents, np.float32)
+            if latents.shape != (total, *shape):
+                raise ValueError(f"latents must have shape {(total, *shape)} (B, h, w, C) for this call, "
+                                 f"got {latents.shape}")
+        if batch_size is not None and (not isinstance(batch_size, (int, np.integer)) or batch_size < 1):
+            raise ValueError(f"batch_size={batch_size!r} must be an integer >= 1")
+        inputs = {}
+        if init_image is not None:
+            inputs["image"] = np.stack([imageio.image_to_array(init_image, height, width)] * total) \
+                if not _is_batch(init_image) else np.stack(
+                    [imageio.image_to_array(im, height, width) for im in init_image])
+            if mask_image is not None:
+                mask = np.stack([imageio.image_to_array(mask_image, height, width, channels=1)] * total) \
+                    if not _is_batch(mask_image) else np.stack(
+                        [imageio.image_to_array(m, height, width, channels=1) for m in mask_image])
+                inputs["mask"] = (mask >= 0.5).astype(np.float32)  # binarised as diffusers' mask processor
+            if inputs["image"].shape[0] != total:
+                raise ValueError(f"{inputs['image'].shape[0]} init images for {total} images")
+        return dict(prompts=prompts, negatives=negatives, guidance=scales, seeds=sampling.image_seeds(seed, total),
+                    scheduler=name, steps=int(steps), eta=float(eta), strength=float(strength), shape=shape,
+                    latents=latents, total=total, batch_size=int(batch_size or total), **inputs)
+
+    def _generate_chunk(self, req: dict, sl: slice, chunk: int, mesh: Any, clip_skip: int) -> np.ndarray:
+        """One padded batch through text encoder, sampler and VAE; returns (n, H, W, 3) in [0, 1]."""
+        n = sl.stop - sl.start
+        pad = lambda xs: list(xs[sl]) + [xs[sl][-1]] * (chunk - n)  # noqa: E731
+        guided = any(g > 1.0 for g in req["guidance"][sl])
+        cond = self.encode_prompt(pad(req["prompts"]), clip_skip)
+        uncond = self.encode_prompt(pad(req["negatives"]), clip_skip) if guided else None
+        keys = sampling.seed_keys(pad(req["seeds"]))
+        guidance = jnp.asarray(pad(req["guidance"]), jnp.float32)
+        sched = get_scheduler(req["scheduler"])
+        options = {"eta": req["eta"]} if req["scheduler"] == "ddim" else {}
+        has_image = "image" in req
+        strength = req["strength"] if has_image else 1.0
+        state = sched.create(self.noise_schedule(), req["steps"], (chunk, *req["shape"]),
+                             strength=strength, **options)
+        noise = (jnp.asarray(np.concatenate([req["latents"][sl]] + [req["latents"][sl][-1:]] * (chunk - n)))
+                 if req["latents"] is not None else sampling.initial_noise(keys, req["shape"]))
+        mode, extra = "txt2img", {}
+        if has_image:
+            image = jnp.asarray(np.concatenate([req["image"][sl]] + [req["image"][sl][-1:]] * (chunk - n)))
+            post_keys = jax.vmap(lambda k: jax.random.fold_in(k, 2))(keys)
+            init_latents = self._encode_posterior(image, post_keys)
+            if "mask" in req:
+                mask_px = jnp.asarray(np.concatenate([req["mask"][sl]] + [req["mask"][sl][-1:]] * (chunk - n)))
+                mask = _nearest_resize(mask_px, req["shape"][:2])
+                if self.unet.config.in_channels == 9:
+                    mode = "inpaint"
+                    masked = self._encode_posterior(image * (mask_px < 0.5), post_keys)
+                    extra = {"mask": mask, "masked_latents": masked}
+                else:
+                    mode = "blend"
+                    extra = {"mask": mask, "init_latents": init_latents, "noise": noise}
+                start = (noise * sched.init_noise_sigma(state) if strength >= 1.0
+                         else sched.add_noise_at(state, init_latents, noise))
+            else:
+                start = sched.add_noise_at(state, init_latents, noise)
+        else:
+            start = noise * sched.init_noise_sigma(state)
+        run = sampling.compiled_denoise(self.unet, sched, mode, guided, mesh)
+        latents = run(self.params["unet"], state, start, cond, uncond, guidance, keys, extra)
+        images = self.decode_latents(latents)
+        return np.asarray(images)[:n]
+
+    def _encode_posterior(self, images_01: jax.Array, keys: jax.Array) -> jax.Array:
+        """Scaled latents sampled from the VAE posterior, image b with its own key."""
+        mean, logvar = _vae_moments(self.vae, self.params["vae"], images_01)
+        draw = jax.vmap(lambda k: jax.random.normal(k, mean.shape[1:], jnp.float32))(keys)
+        return (mean + jnp.exp(0.5 * logvar) * draw) * self.scaling_factor
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    """Images of one generate() call with everything needed to reproduce each."""
+
+    images: list[Any]
+    array: np.ndarray  # (B, H, W, 3) float32 in [0, 1]
+    seeds: list[int]
+    prompts: list[str]
+    negative_prompts: list[str]
+    guidance_scales: list[float]
+    scheduler: str
+    num_inference_steps: int
+    height: int
+    width: int
+    nsfw: list[bool] | None = None
+
+
+def _is_batch(x: Any) -> bool:
+    """A list/tuple of images (rather than one image)."""
+    return isinstance(x, (list, tuple))
+
+
+def _nearest_resize(mask: jax.Array, hw: tuple[int, int]) -> jax.Array:
+    """(B, H, W, 1) -> (B, h, w, 1) nearest neighbour, as torch.nn.functional.interpolate's default."""
+    big_h, big_w = mask.shape[1:3]
+    rows = (jnp.arange(hw[0]) * big_h) // hw[0]
+    cols = (jnp.arange(hw[1]) * big_w) // hw[1]
+    return mask[:, rows][:, :, cols]
 
 
 def _example_inputs(name: str, config: Any) -> tuple[Any, ...]:
@@ -220,3 +398,11 @@ def _decode_latents(module: AutoencoderKL, params: Any, latents: jax.Array, scal
     images = module.apply({"params": params}, (latents / scale).astype(module.dtype),
                           method=AutoencoderKL.decode)
     return jnp.clip(images.astype(jnp.float32) / 2.0 + 0.5, 0.0, 1.0)
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _vae_moments(module: AutoencoderKL, params: Any, images_01: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Posterior mean and log-variance (float32) of [0, 1] images."""
+    mean, logvar = module.apply({"params": params}, (images_01 * 2.0 - 1.0).astype(module.dtype),
+                                method=AutoencoderKL.encode)
+    return mean.astype(jnp.float32), logvar.astype(jnp.float32)

@@ -1,0 +1,170 @@
+"""Whole-pipeline parity with diffusers' StableDiffusionPipeline on a tiny random model."""
+
+from __future__ import annotations
+
+import importlib
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+from sd_jax import StableDiffusion
+from tiny import load_reference, make_tiny_sd, nchw
+
+H, W = 64, 48          # non-square; latents 8 x 6
+PROMPTS = ["a photo of a cat", "a red car on a street"]
+NEGATIVE = "blurry, low quality"
+TOL = 2 / 255           # images in [0, 1]
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    return make_tiny_sd(tmp_path_factory.mktemp("tiny_sd"))
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_folder):
+    return StableDiffusion.from_pretrained(tiny_folder)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_folder):
+    ref = load_reference(tiny_folder)
+    ref.folder_scheduler_config = dict(ref.scheduler.config)
+    return ref
+
+
+def _diffusers_scheduler(name: str, folder_config: dict):
+    """The diffusers solver as a user swaps it in: ``Cls.from_config(pipe.scheduler.config)``."""
+    import diffusers
+
+    classes = {"ddim": "DDIMScheduler", "pndm": "PNDMScheduler", "lms": "LMSDiscreteScheduler",
+               "euler": "EulerDiscreteScheduler", "euler_a": "EulerAncestralDiscreteScheduler",
+               "dpm++2m": "DPMSolverMultistepScheduler", "dpm++2m-karras": "DPMSolverMultistepScheduler",
+               "ddpm": "DDPMScheduler"}
+    extra = {}
+    if name.startswith("dpm++"):
+        extra = dict(algorithm_type="dpmsolver++", solver_order=2, use_karras_sigmas=name.endswith("karras"))
+    return getattr(diffusers, classes[name]).from_config(folder_config, **extra)
+
+
+def _patch_step_noise(monkeypatch, name, pipe_result_seeds, steps, shape):
+    """Make diffusers' stochastic solvers draw exactly sd_jax's per-image step noise."""
+    from sd_jax import sampling
+
+    modules = {"euler_a": "diffusers.schedulers.scheduling_euler_ancestral_discrete",
+               "ddpm": "diffusers.schedulers.scheduling_ddpm"}
+    if name not in modules:
+        return
+    keys = sampling.seed_keys(pipe_result_seeds)
+    noises = [nchw(sampling.step_noise(keys, i, shape)) for i in range(steps + 1)]
+    calls = iter(noises)
+    module = importlib.import_module(modules[name])
+    monkeypatch.setattr(module, "randn_tensor", lambda *a, **k: next(calls))
+
+
+@pytest.mark.parametrize("scheduler,steps", [
+    ("pndm", 6), ("ddim", 5), ("lms", 5), ("euler", 5), ("euler_a", 5),
+    ("dpm++2m", 5), ("dpm++2m-karras", 5), ("ddpm", 4),
+])
+def test_txt2img_matches_diffusers(pipe, reference, scheduler, steps, monkeypatch):
+    seeds = [11, 12]
+    latents = np.random.default_rng(0).standard_normal((2, H // 8, W // 8, 4)).astype(np.float32)
+    ours = pipe.generate(PROMPTS, negative_prompt=NEGATIVE, height=H, width=W, num_inference_steps=steps,
+                         guidance_scale=7.5, scheduler=scheduler, seed=seeds, latents=latents)
+    reference.scheduler = _diffusers_scheduler(scheduler, reference.folder_scheduler_config)
+    _patch_step_noise(monkeypatch, scheduler, seeds, steps, (H // 8, W // 8, 4))
+    ref = reference(PROMPTS, negative_prompt=[NEGATIVE] * 2, height=H, width=W, num_inference_steps=steps,
+                    guidance_scale=7.5, latents=nchw(latents), output_type="np").images
+    err = np.abs(ours.array - ref).max()
+    assert err <= TOL, f"{scheduler}: max abs error {err:.4g} > {TOL:.4g}"
+
+
+def test_no_guidance_skips_uncond_and_matches(pipe, reference):
+    latents = np.random.default_rng(1).standard_normal((1, H // 8, W // 8, 4)).astype(np.float32)
+    ours = pipe.generate(PROMPTS[0], height=H, width=W, num_inference_steps=4, guidance_scale=1.0,
+                         scheduler="ddim", latents=latents)
+    reference.scheduler = _diffusers_scheduler("ddim", reference.folder_scheduler_config)
+    ref = reference(PROMPTS[0], height=H, width=W, num_inference_steps=4, guidance_scale=1.0,
+                    latents=nchw(latents), output_type="np").images
+    assert np.abs(ours.array - ref).max() <= TOL
+
+
+def test_sharded_equals_single_device(pipe):
+    kwargs = dict(height=32, width=32, num_inference_steps=3, scheduler="euler_a", seed=5,
+                  guidance_scale=[3.0, 7.5, 5.0])
+    prompts = ["a", "b", "c"]  # 3 images: padded to 8 devices, trimmed back
+    many = pipe.generate(prompts, devices=jax.devices(), **kwargs)
+    one = pipe.generate(prompts, devices=jax.devices()[:1], **kwargs)
+    assert len(jax.devices()) == 8
+    np.testing.assert_allclose(many.array, one.array, atol=1e-5)
+
+
+def test_image_regenerates_alone_from_its_seed(pipe):
+    batch = pipe.generate(["a", "b", "c"], height=32, width=32, num_inference_steps=3,
+                          scheduler="euler_a", seed=100)
+    assert batch.seeds == [100, 101, 102]
+    alone = pipe.generate("b", height=32, width=32, num_inference_steps=3, scheduler="euler_a", seed=101)
+    np.testing.assert_allclose(alone.array[0], batch.array[1], atol=1e-5)
+
+
+def test_guidance_and_seed_changes_do_not_recompile(pipe):
+    from sd_jax import sampling
+
+    kwargs = dict(height=32, width=32, num_inference_steps=3, scheduler="ddim")
+    pipe.generate(["a", "b"], guidance_scale=7.5, seed=0, **kwargs)
+    run = sampling.compiled_denoise(pipe.unet, __import__("sd_jax.schedulers", fromlist=["x"]).get_scheduler("ddim"),
+                                    "txt2img", True, sampling.data_mesh(None))
+    before = run._cache_size()
+    pipe.generate(["c", "d"], guidance_scale=[2.0, 9.0], seed=[7, 3], negative_prompt="x", **kwargs)
+    assert run._cache_size() == before
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(height=60), "height=60 must be a positive multiple of 8"),
+    (dict(width=0), "width=0"),
+    (dict(num_inference_steps=0), "num_inference_steps=0"),
+    (dict(scheduler="heun"), "unknown scheduler 'heun'"),
+    (dict(guidance_scale=float("nan")), "guidance_scale"),
+    (dict(eta=0.5, scheduler="pndm"), "eta=0.5 only applies to the ddim"),
+    (dict(mask_image=np.zeros((64, 64))), "mask_image needs init_image"),
+    (dict(latents=np.zeros((1, 4, 8, 8))), r"latents must have shape \(1, 8, 8, 4\)"),
+    (dict(seed=[1, 2]), "2 seeds given for 1 images"),
+    (dict(init_image=np.zeros((64, 64, 3)), strength=1.5), r"strength=1.5 must be in \(0, 1\]"),
+])
+def test_bad_values_fail_before_work(pipe, kwargs, match):
+    args = dict(height=64, width=64, num_inference_steps=2) | kwargs
+    with pytest.raises(ValueError, match=match):
+        pipe.generate("a cat", **args)
+
+
+def test_api_shapes(pipe):
+    emb = pipe.encode_prompt(["a cat", ""])
+    assert emb.shape == (2, 77, 32)
+    lat = np.zeros((2, 8, 6, 4), np.float32)
+    assert pipe.predict_noise(lat, 10, emb).shape == (2, 8, 6, 4)
+    assert pipe.predict_noise(lat, np.array([1, 999]), emb).shape == (2, 8, 6, 4)
+    img = pipe.decode_latents(lat)
+    assert img.shape == (2, 64, 48, 3) and float(img.min()) >= 0 and float(img.max()) <= 1
+    z = pipe.encode_image(img)
+    assert z.shape == (2, 8, 6, 4)
+    with pytest.raises(ValueError, match="multiples of 8"):
+        pipe.encode_image(np.zeros((1, 30, 32, 3)))
+
+
+def test_api_matches_diffusers_components(pipe, reference):
+    ids = reference.tokenizer(["a cat", ""], padding="max_length", max_length=77, truncation=True,
+                              return_tensors="pt").input_ids
+    with torch.no_grad():
+        ref_emb = reference.text_encoder(ids)[0].numpy()
+    emb = np.asarray(pipe.encode_prompt(["a cat", ""]))
+    np.testing.assert_allclose(emb, ref_emb, atol=1e-4 * max(1, np.abs(ref_emb).max()))
+    lat = np.random.default_rng(0).standard_normal((2, 8, 6, 4)).astype(np.float32)
+    with torch.no_grad():
+        ref_eps = reference.unet(nchw(lat), torch.tensor([10, 500]), torch.from_numpy(ref_emb)).sample.numpy()
+        ref_img = reference.vae.decode(nchw(lat) / 0.18215).sample.numpy()
+    eps = np.asarray(pipe.predict_noise(lat, np.array([10, 500]), emb)).transpose(0, 3, 1, 2)
+    np.testing.assert_allclose(eps, ref_eps, atol=1e-4 * max(1, np.abs(ref_eps).max()))
+    img = np.asarray(pipe.decode_latents(lat)).transpose(0, 3, 1, 2)
+    np.testing.assert_allclose(img, np.clip(ref_img / 2 + 0.5, 0, 1), atol=1e-4)
