@@ -12,3 +12,39 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory):
+    """A tiny random SD model as a diffusers folder (4-channel UNet)."""
+    from tiny import make_tiny_sd
+
+    return make_tiny_sd(tmp_path_factory.mktemp("tiny_sd"))
+
+
+@pytest.fixture(scope="session")
+def tiny_inpaint_folder(tmp_path_factory):
+    """A tiny random inpainting model (9-channel UNet) as a diffusers folder."""
+    from tiny import make_tiny_sd
+
+    return make_tiny_sd(tmp_path_factory.mktemp("tiny_sd_inpaint"), seed=3, in_channels=9)
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe(tiny_folder):
+    """sd_jax's pipeline on the tiny folder (float32)."""
+    from sd_jax import StableDiffusion
+
+    return StableDiffusion.from_pretrained(tiny_folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_reference(tiny_folder):
+    """diffusers' StableDiffusionPipeline on the tiny folder, with the folder's scheduler config kept."""
+    from tiny import load_reference
+
+    ref = load_reference(tiny_folder)
+    ref.folder_scheduler_config = dict(ref.scheduler.config)
+    return ref

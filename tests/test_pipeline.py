@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from sd_jax import StableDiffusion
-from tiny import load_reference, make_tiny_sd, nchw
+from tiny import nchw
 
 H, W = 64, 48          # non-square; latents 8 x 6
 PROMPTS = ["a photo of a cat", "a red car on a street"]
@@ -18,24 +17,17 @@ NEGATIVE = "blurry, low quality"
 TOL = 2 / 255           # images in [0, 1]
 
 
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    return make_tiny_sd(tmp_path_factory.mktemp("tiny_sd"))
+@pytest.fixture
+def pipe(tiny_pipe):
+    return tiny_pipe
 
 
-@pytest.fixture(scope="module")
-def pipe(tiny_folder):
-    return StableDiffusion.from_pretrained(tiny_folder)
+@pytest.fixture
+def reference(tiny_reference):
+    return tiny_reference
 
 
-@pytest.fixture(scope="module")
-def reference(tiny_folder):
-    ref = load_reference(tiny_folder)
-    ref.folder_scheduler_config = dict(ref.scheduler.config)
-    return ref
-
-
-def _diffusers_scheduler(name: str, folder_config: dict):
+def diffusers_scheduler(name: str, folder_config: dict):
     """The diffusers solver as a user swaps it in: ``Cls.from_config(pipe.scheduler.config)``."""
     import diffusers
 
@@ -49,7 +41,7 @@ def _diffusers_scheduler(name: str, folder_config: dict):
     return getattr(diffusers, classes[name]).from_config(folder_config, **extra)
 
 
-def _patch_step_noise(monkeypatch, name, pipe_result_seeds, steps, shape):
+def patch_step_noise(monkeypatch, name, pipe_result_seeds, steps, shape):
     """Make diffusers' stochastic solvers draw exactly sd_jax's per-image step noise."""
     from sd_jax import sampling
 
@@ -73,8 +65,8 @@ def test_txt2img_matches_diffusers(pipe, reference, scheduler, steps, monkeypatc
     latents = np.random.default_rng(0).standard_normal((2, H // 8, W // 8, 4)).astype(np.float32)
     ours = pipe.generate(PROMPTS, negative_prompt=NEGATIVE, height=H, width=W, num_inference_steps=steps,
                          guidance_scale=7.5, scheduler=scheduler, seed=seeds, latents=latents)
-    reference.scheduler = _diffusers_scheduler(scheduler, reference.folder_scheduler_config)
-    _patch_step_noise(monkeypatch, scheduler, seeds, steps, (H // 8, W // 8, 4))
+    reference.scheduler = diffusers_scheduler(scheduler, reference.folder_scheduler_config)
+    patch_step_noise(monkeypatch, scheduler, seeds, steps, (H // 8, W // 8, 4))
     ref = reference(PROMPTS, negative_prompt=[NEGATIVE] * 2, height=H, width=W, num_inference_steps=steps,
                     guidance_scale=7.5, latents=nchw(latents), output_type="np").images
     err = np.abs(ours.array - ref).max()
@@ -85,7 +77,7 @@ def test_no_guidance_skips_uncond_and_matches(pipe, reference):
     latents = np.random.default_rng(1).standard_normal((1, H // 8, W // 8, 4)).astype(np.float32)
     ours = pipe.generate(PROMPTS[0], height=H, width=W, num_inference_steps=4, guidance_scale=1.0,
                          scheduler="ddim", latents=latents)
-    reference.scheduler = _diffusers_scheduler("ddim", reference.folder_scheduler_config)
+    reference.scheduler = diffusers_scheduler("ddim", reference.folder_scheduler_config)
     ref = reference(PROMPTS[0], height=H, width=W, num_inference_steps=4, guidance_scale=1.0,
                     latents=nchw(latents), output_type="np").images
     assert np.abs(ours.array - ref).max() <= TOL
