@@ -305,7 +305,8 @@ class StableDiffusion:
                 mask = _nearest_resize(mask_px, req["shape"][:2])
                 if self.unet.config.in_channels == 9:
                     mode = "inpaint"
-                    masked = self._encode_posterior(image * (mask_px < 0.5), post_keys)
+                    keep = (mask_px < 0.5).astype(image.dtype)  # masked pixels -> 0 in [-1, 1], as diffusers
+                    masked = self._encode_posterior(image * keep + 0.5 * (1.0 - keep), post_keys)
                     extra = {"mask": mask, "masked_latents": masked}
                 else:
                     mode = "blend"

@@ -99,8 +99,8 @@ def _pad_to(x: jax.Array, axis: int, multiple: int) -> jax.Array:
     return jnp.pad(x, widths)
 
 
-def _blocked(q, k, v, *, upcast: bool, q_block: int = QUERY_BLOCK,
-             k_block: int = KEY_BLOCK) -> jax.Array:
+def _blocked(q, k, v, *, upcast: bool, q_block: int | None = None,
+             k_block: int | None = None) -> jax.Array:
     """Online-softmax attention (Milakov & Gimelshein 2018; FlashAttention's recurrence).
 
     Query blocks are processed one after another (``lax.map``); within a block
@@ -109,7 +109,8 @@ def _blocked(q, k, v, *, upcast: bool, q_block: int = QUERY_BLOCK,
     """
     batch, q_len, heads, head_dim = q.shape
     k_len = k.shape[1]
-    q_block, k_block = min(q_block, q_len), min(k_block, k_len)
+    q_block = min(q_block or QUERY_BLOCK, q_len)  # module constants read at call time
+    k_block = min(k_block or KEY_BLOCK, k_len)
     scale = 1.0 / math.sqrt(head_dim)
     compute = jnp.float32 if upcast else q.dtype
     q = (q.astype(compute) * jnp.asarray(scale, compute))
