@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from sd_jax import StableDiffusion, sampling
@@ -127,15 +126,3 @@ def test_inpainting_model_requires_mask(inpaint_pair):
     pipe, _ = inpaint_pair
     with pytest.raises(ValueError, match="inpainting model"):
         pipe.generate("a cat", height=H, width=W, num_inference_steps=2)
-
-
-def test_unmasked_area_kept_by_blend(tiny_pipe):
-    """Blending keeps the unmasked latents on the init image at the end (up to VAE round trip)."""
-    image = _init_image(4)
-    res = tiny_pipe.generate("a cat", height=H, width=W, num_inference_steps=4, scheduler="ddim", seed=0,
-                             init_image=image, mask_image=_mask_image(), strength=1.0)
-    z = tiny_pipe.encode_image(np.asarray(image, np.float32)[None] / 255)
-    roundtrip = np.asarray(tiny_pipe.decode_latents(z))[0]
-    keep = np.asarray(_mask_image()) < 128
-    keep[8:56, 0:48] = False  # stay clear of the mask border (VAE receptive field)
-    assert torch.tensor(np.abs(res.array[0] - roundtrip)[keep].max()).item() < 0.1
