@@ -24,9 +24,10 @@ from sd_jax import sampling
 from sd_jax.convert import core
 from sd_jax.convert.diffusers import IGNORED_BUFFERS
 from sd_jax.convert.source import MODEL_KEYS, ModelFiles, load_model_files
-from sd_jax.models.clip import CLIPTextConfig, CLIPTextModel
-from sd_jax.models.unet import UNet2DConditionModel, UNetConfig
-from sd_jax.models.vae import AutoencoderKL, VAEConfig
+from sd_jax.models.clip import CLIPTextModel
+from sd_jax.models.unet import UNet2DConditionModel
+from sd_jax.models.vae import AutoencoderKL
+from sd_jax.safety import load_safety_checker
 from sd_jax.schedulers import NoiseScheduleConfig, get_scheduler, scheduler_name_for_config
 from sd_jax.tokenizer import load_tokenizer
 
@@ -65,27 +66,32 @@ class StableDiffusion:
     scheduler_config: dict[str, Any]
     source: str = ""
     skipped_weights: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+    safety_checker: Any = None  # sd_jax.safety.SafetyCheck when the model folder has one
 
     # ------------------------------------------------------------------ loading
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: Any = "float32", *, param_dtype: Any = None,
                         variant: str | None = None, attention: str = "auto", remat: bool = False,
                         use_ema: bool = True, config: str | Path | None = None,
-                        **hub_options: Any) -> StableDiffusion:
+                        safety_checker: bool = True, **hub_options: Any) -> StableDiffusion:
         """Load a diffusers folder, a CompVis single file or a hub id.
 
         ``dtype`` is the compute dtype; parameters are stored in ``param_dtype``
         (default: the same as ``dtype``). ``use_ema`` picks a full-EMA file's EMA
         UNet weights; ``config`` overrides single-file architecture detection.
+        ``safety_checker``: load the folder's ``safety_checker/`` when it has one
+        (flagged images are reported in ``GenerationResult.nsfw``, never altered).
         """
         compute = parse_dtype(dtype)
         storage = parse_dtype(param_dtype, "param_dtype") if param_dtype is not None else compute
         files = load_model_files(path, variant=variant, use_ema=use_ema, config=config, **hub_options)
-        return cls.from_model_files(files, compute, storage, attention=attention, remat=remat)
+        return cls.from_model_files(files, compute, storage, attention=attention, remat=remat,
+                                    safety_checker=safety_checker)
 
     @classmethod
     def from_model_files(cls, files: ModelFiles, dtype: Any = jnp.float32, param_dtype: Any = None, *,
-                         attention: str = "auto", remat: bool = False) -> StableDiffusion:
+                         attention: str = "auto", remat: bool = False,
+                         safety_checker: bool = True) -> StableDiffusion:
         """Build the modules and fill their parameters strictly from a :class:`ModelFiles`."""
         param_dtype = dtype if param_dtype is None else param_dtype
         cfg = files.configs
@@ -107,8 +113,12 @@ class StableDiffusion:
             if skipped[name]:
                 log.info("%s: skipped buffers %s", name, ", ".join(skipped[name]))
         tokenizer = load_tokenizer(files.tokenizer_dir)
+        checker = None
+        if safety_checker and "safety_checker" in files.extra_dirs:
+            checker = load_safety_checker(files.extra_dirs["safety_checker"],
+                                          files.extra_dirs.get("feature_extractor"))
         return cls(tokenizer=tokenizer, params=params, scheduler_config=files.scheduler_config,
-                   source=files.source, skipped_weights=skipped, **modules)
+                   source=files.source, skipped_weights=skipped, safety_checker=checker, **modules)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -212,7 +222,11 @@ class StableDiffusion:
             sl = slice(start, min(start + chunk, req["total"]))
             outputs.append(self._generate_chunk(req, sl, chunk, mesh, clip_skip))
         images = np.concatenate(outputs, axis=0)
-        return GenerationResult(images=imageio.to_pil(images), array=images, seeds=req["seeds"],
+        nsfw = self.safety_checker(images)[0] if self.safety_checker is not None else None
+        if nsfw is not None and any(nsfw):
+            log.info("the safety checker flagged image(s) %s of this call",
+                        [i for i, flag in enumerate(nsfw) if flag])
+        return GenerationResult(images=imageio.to_pil(images), array=images, seeds=req["seeds"], nsfw=nsfw,
                                 prompts=req["prompts"], negative_prompts=req["negatives"],
                                 guidance_scales=req["guidance"], scheduler=req["scheduler"],
                                 num_inference_steps=num_inference_steps, height=height, width=width)

@@ -29,22 +29,24 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from sd_jax.schedulers import Scheduler, num_model_calls
 
-MODES = ("txt2img", "inpaint", "blend")  # img2img is txt2img started later; inpaint = 9-channel UNet
+MODES = ("txt2img", "inpaint", "blend")
+MAX_SEED = 2**32 - 1  # jax.random.key takes 32-bit seeds  # img2img is txt2img started later; inpaint = 9-channel UNet
 
 
 def image_seeds(seed: int | Sequence[int] | None, batch: int) -> list[int]:
     """Per-image seeds: ``seed + b`` for an int, the list itself, or random when None."""
     if seed is None:
-        seed = int(np.random.default_rng().integers(0, 2**31 - 1 - batch))
+        seed = int(np.random.default_rng().integers(0, MAX_SEED - batch))
     if isinstance(seed, (int, np.integer)):
-        if not 0 <= int(seed) < 2**63 - batch:
-            raise ValueError(f"seed {seed} must be a non-negative integer below 2**63")
+        if not 0 <= int(seed) <= MAX_SEED - batch:
+            raise ValueError(f"seed {seed} must be an integer in [0, {MAX_SEED - batch}] for {batch} image(s) "
+                             f"(image b gets seed + b, and seeds are 32-bit)")
         return [int(seed) + b for b in range(batch)]
     seeds = [int(s) for s in seed]
     if len(seeds) != batch:
         raise ValueError(f"{len(seeds)} seeds given for {batch} images; give one per image or one int")
-    if any(s < 0 for s in seeds):
-        raise ValueError(f"seeds must be non-negative, got {seeds}")
+    if any(not 0 <= s <= MAX_SEED for s in seeds):
+        raise ValueError(f"seeds must be integers in [0, {MAX_SEED}], got {seeds}")
     return seeds
 
 

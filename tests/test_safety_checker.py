@@ -14,11 +14,11 @@ from transformers import CLIPImageProcessor
 from sd_jax.convert.core import WeightMismatchError, flatten_tree
 from sd_jax.convert.diffusers import read_component_state
 from sd_jax.convert.safetensors_io import save_safetensors
-from sd_jax.models.safety_checker import (BARE_PARAMETERS, CLIPVisionConfig, ImageProcessorConfig,
-                                          SafetyChecker, SafetyCheckerConfig, abstract_params,
-                                          check_images, normalise_safety_checker_keys, preprocess,
-                                          read_preprocessor_config, safety_checker_state_to_params,
+from sd_jax.convert.safety_checker import normalise_safety_checker_keys, safety_checker_state_to_params
+from sd_jax.models.safety_checker import (BARE_PARAMETERS, CLIPVisionConfig, SafetyChecker,
+                                          SafetyCheckerConfig, abstract_params, check_images,
                                           safety_scores)
+from sd_jax.safety import ImageProcessorConfig, preprocess, read_preprocessor_config
 
 BATCH = 24
 SIZE = 32  # tiny tower: 32x32 images, 8x8 patches -> 16 patches + CLS

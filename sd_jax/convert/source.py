@@ -78,7 +78,7 @@ def load_model_files(source: str | Path, *, variant: str | None = None, use_ema:
         from sd_jax.convert.compvis import read_single_file
 
         return read_single_file(path, use_ema=use_ema, config=config)
-    if _looks_like_hub_id(str(source)):
+    if looks_like_hub_id(str(source)):
         from sd_jax.convert.hub import download
 
         return load_model_files(download(str(source), **hub_options), variant=variant,
@@ -88,7 +88,7 @@ def load_model_files(source: str | Path, *, variant: str | None = None, use_ema:
         "text_encoder/, tokenizer/), a .ckpt/.safetensors file, or a hub id such as CompVis/stable-diffusion-v1-4")
 
 
-def _looks_like_hub_id(text: str) -> bool:
+def looks_like_hub_id(text: str) -> bool:
     """'org/name' with no path-like parts."""
     parts = text.split("/")
     return (len(parts) == 2 and all(parts) and not text.startswith((".", "~"))

@@ -1,0 +1,114 @@
+"""Pieces every sd_jax command line shares: one-line errors, exit codes, cheap early checks.
+
+A bad value ends a command with ONE line on stderr (``prog: error: ...``) and
+exit status 2, never a traceback; the checks here are cheap (argument values,
+files exist and are readable, the output folder is writable) so they run
+before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+EXIT_OK = 0
+EXIT_USAGE = 2        # a bad value or an unusable file: the user can fix it
+EXIT_INTERRUPTED = 130
+
+# The compute dtypes sd_jax.pipeline.parse_dtype accepts (kept literal so `--help` needs no model code).
+DTYPE_CHOICES = ("float32", "bfloat16", "float16")
+
+# Errors a user can fix; anything else is a bug and keeps its traceback.
+USER_ERRORS = (ValueError, OSError)
+
+
+def one_line(err: BaseException | str) -> str:
+    """A message (or exception) as one line: its lines joined, its type named when it has no text."""
+    text = "; ".join(line.strip() for line in str(err).splitlines() if line.strip())
+    return text or type(err).__name__
+
+
+def print_error(prog: str, err: BaseException | str) -> int:
+    """Print ``prog: error: <one line>`` to stderr and return the exit status for it."""
+    print(f"{prog}: error: {one_line(err)}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors (unknown choice, missing flag, bad number) are one line and exit 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {one_line(message)} (see --help)\n")
+
+
+def run_main(prog: str, body: Callable[[], Any]) -> int:
+    """Call ``body()``; a user error becomes one stderr line and exit 2, Ctrl-C exit 130."""
+    try:
+        body()
+    except USER_ERRORS as err:
+        return print_error(prog, err)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return EXIT_OK
+
+
+def check_model_source(model: str) -> None:
+    """A model path must exist; anything that is not a path must look like a hub id ('org/name')."""
+    from sd_jax.convert.source import looks_like_hub_id  # the loader's own rule for hub ids
+
+    if Path(model).expanduser().exists() or looks_like_hub_id(model):
+        return
+    raise FileNotFoundError(f"--model {model!r} does not exist: pass a diffusers folder, a .ckpt/.safetensors "
+                            "file, or a hub id such as CompVis/stable-diffusion-v1-4")
+
+
+def check_readable_file(path: str | Path, flag: str) -> Path:
+    """The path of an existing, readable file, or an error naming the flag and the path."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"{flag} {str(path)!r} does not exist or is not a file")
+    try:
+        with path.open("rb") as handle:
+            handle.read(1)
+    except OSError as err:
+        raise OSError(f"{flag} {str(path)!r} cannot be read: {err.strerror or err}") from None
+    return path
+
+
+def prepare_output_dir(path: str | Path, flag: str = "--outdir") -> Path:
+    """Create the folder if needed and prove it is writable (by writing and removing a file)."""
+    path = Path(path).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".sd_jax-write-test-"):
+            pass
+    except OSError as err:
+        reason = err.strerror or str(err)
+        raise OSError(f"{flag} {str(path)!r} is not a writable folder: {reason}") from None
+    return path
+
+
+def read_lines(path: str | Path, flag: str) -> list[str]:
+    """Non-blank lines of a UTF-8 text file, stripped, ``#`` comment lines skipped."""
+    path = check_readable_file(path, flag)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{flag} {str(path)!r} is not UTF-8 text: {err.reason} at byte {err.start}") from None
+    lines = [line.strip() for line in text.splitlines()]
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+def format_paths(paths: Sequence[Path], limit: int = 6) -> str:
+    """A few paths for a summary line: all of them, or the first and last few."""
+    names = [os.fspath(p) for p in paths]
+    if len(names) <= limit:
+        return ", ".join(names)
+    half = limit // 2
+    return ", ".join(names[:half]) + f", ... ({len(names) - limit} more) ..., " + ", ".join(names[-half:])
