@@ -63,6 +63,7 @@ class GenerateConfig:
     strength: float = 0.8
     mask_image: Path | None = None
     safety_checker: bool = True
+    watermark: bool = False
     eta: float = 0.0
     clip_skip: int = 0
 
@@ -78,6 +79,12 @@ class GenerateConfig:
             raise ValueError("model is required: a diffusers folder, a .ckpt/.safetensors file or a hub id")
         if not self.prompts:
             raise ValueError("no prompt given: pass --prompt TEXT or --from-file FILE")
+        if self.watermark:
+            import importlib.util
+
+            if importlib.util.find_spec("imwatermark") is None:
+                raise ValueError("--watermark needs the 'invisible-watermark' package: "
+                                 "pip install 'sd_jax[watermark]'")
         if not all(isinstance(p, str) for p in self.prompts):
             raise ValueError(f"prompts must be strings, got {self.prompts!r}")
         _check_int("steps", self.steps, 1)
@@ -132,7 +139,8 @@ class GenerateConfig:
                    height=args.height, width=args.width, seed=args.seed, n_images=args.n_images,
                    batch_size=args.batch_size, outdir=Path(args.outdir), grid=args.grid, dtype=args.dtype,
                    init_image=args.init_image, strength=args.strength, mask_image=args.mask_image,
-                   safety_checker=not args.no_safety_checker, eta=args.eta, clip_skip=args.clip_skip)
+                   safety_checker=not args.no_safety_checker, watermark=args.watermark, eta=args.eta,
+                   clip_skip=args.clip_skip)
 
 
 def _is_int(value: Any) -> bool:
@@ -276,7 +284,12 @@ def _write_images(cfg: GenerateConfig, result: Any, outdir: Path, index: int, dt
     from sd_jax import images as imageio
 
     paths = []
-    for image, prompt, seed in zip(result.images, result.prompts, result.seeds):
+    images = result.images
+    if cfg.watermark:
+        from sd_jax.watermark import put_watermark
+
+        images = put_watermark(images)
+    for image, prompt, seed in zip(images, result.prompts, result.seeds):
         index = _free_index(outdir, index)
         meta = image_metadata(cfg, prompt, seed, result.scheduler, dtype)
         paths.append(imageio.save_png(image, outdir / f"{index:05d}-{seed}.png", meta))
@@ -376,6 +389,8 @@ def build_parser() -> common.ArgumentParser:
     p.add_argument("--mask-image", metavar="FILE", help="inpainting (needs --init-image): white = repaint")
     p.add_argument("--no-safety-checker", action="store_true",
                    help="do not run the model folder's safety checker (flagged images are reported, never altered)")
+    p.add_argument("--watermark", action="store_true",
+                   help="embed the CompVis invisible watermark (needs: pip install 'sd_jax[watermark]')")
     p.add_argument("--eta", type=float, default=0.0, help="ddim only: noise of each step, 0 = deterministic")
     p.add_argument("--clip-skip", type=int, default=0, help="use the text encoder's hidden state this many layers "
                                                             "before the last (default 0)")
