@@ -1,0 +1,340 @@
+"""Helpers the notebooks call: what runtime this is, settings from the environment, images inline, saving.
+
+    from sd_jax import notebook
+    print(notebook.describe_runtime())                        # TPU / GPU (name, memory) / CPU, devices, versions
+    MODEL = notebook.setting("SD_JAX_MODEL", "CompVis/stable-diffusion-v1-4")
+    notebook.show_images(result)                              # a GenerationResult: inline grid, seed under each
+    notebook.save_images(result, "outputs", model=MODEL, dtype="bfloat16")
+
+Every notebook value a headless run may change is read with :func:`setting`, so
+the test suite runs the notebooks top to bottom on a tiny model by setting
+environment variables (``SD_JAX_MODEL``, ``SD_JAX_STEPS``, ...). IPython is
+optional: outside a notebook :func:`show_images` prints one line per image.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import glob
+import io
+import os
+import platform
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+HOSTED_ENV_VARS = (("Colab", "COLAB_RELEASE_TAG"), ("Kaggle", "KAGGLE_KERNEL_RUN_TYPE"))
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+# ----------------------------------------------------------------------------- settings
+
+
+def setting(name: str, default: Any) -> Any:
+    """The environment variable ``name`` converted to the type of ``default``, or ``default`` when unset.
+
+    int, float and bool defaults parse the text (bool: 1/0, true/false, yes/no,
+    on/off); str and None defaults return it as is (an empty string included).
+    A value that does not parse is an error naming the variable.
+    """
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    text = raw.strip()
+    kind = type(default)
+    try:
+        if kind is bool:
+            if text.lower() in _TRUE:
+                return True
+            if text.lower() in _FALSE:
+                return False
+            raise ValueError
+        if kind is int:
+            return int(text)
+        if kind is float:
+            return float(text)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={raw!r} is not a valid {kind.__name__} "
+                         f"(default {default!r})") from None
+    return raw
+
+
+# ----------------------------------------------------------------------------- runtime
+
+
+@dataclasses.dataclass(frozen=True)
+class RuntimeInfo:
+    """What JAX found: backend, devices, memory, host and versions."""
+
+    platform: str                  # "tpu" | "gpu" | "cpu"
+    device_kind: str               # e.g. "TPU v5 lite", "NVIDIA A100-SXM4-40GB", "cpu"
+    local_devices: int
+    global_devices: int
+    processes: int
+    memory_bytes: int | None       # per device, where the backend reports it
+    compute_capability: str | None  # CUDA GPUs
+    hosted: str                    # "Colab" | "Kaggle" | "local"
+    jax_version: str
+    jaxlib_version: str
+    hint: str                      # what to do when an attached accelerator is not used ("" when nothing)
+
+
+def hosted_environment() -> str:
+    """'Colab', 'Kaggle' or 'local', from the variables those services set."""
+    return next((name for name, var in HOSTED_ENV_VARS if os.environ.get(var)), "local")
+
+
+def _attached_accelerator() -> str | None:
+    """'tpu' or 'gpu' when the machine has one (device files / nvidia-smi), whatever JAX uses."""
+    if glob.glob("/dev/accel[0-9]*") or glob.glob("/dev/vfio/[0-9]*") or os.environ.get("TPU_NAME"):
+        return "tpu"
+    if glob.glob("/dev/nvidia[0-9]*") or shutil.which("nvidia-smi"):
+        return "gpu"
+    return None
+
+
+def jax_install_command(accelerator: str | None) -> str:
+    """The pip command that installs JAX for ``accelerator`` ('tpu', 'gpu' or None for CPU)."""
+    extra = {"tpu": "tpu", "gpu": "cuda12"}.get(accelerator or "", "cpu")
+    return f'pip install -U "jax[{extra}]"'
+
+
+def runtime_info() -> RuntimeInfo:
+    """Inspect JAX's devices (this initialises the backend)."""
+    import jax
+    import jaxlib
+
+    devices = jax.local_devices()
+    first = devices[0]
+    memory = None
+    try:
+        stats = first.memory_stats() or {}
+        memory = int(stats["bytes_limit"]) if "bytes_limit" in stats else None
+    except Exception:  # CPU and some plugins report no memory statistics
+        memory = None
+    attached = _attached_accelerator()
+    hint = ""
+    if first.platform == "cpu":
+        if attached is not None:
+            hint = (f"a {attached.upper()} is attached but JAX only sees the CPU: run "
+                    f"`{jax_install_command(attached)}` and restart the runtime")
+        else:
+            hint = ("no accelerator: a 512x512 image takes minutes on a CPU; on Colab pick Runtime > Change runtime "
+                    "type > TPU or GPU, on Kaggle Settings > Accelerator")
+    return RuntimeInfo(platform=first.platform, device_kind=str(first.device_kind), local_devices=len(devices),
+                       global_devices=jax.device_count(), processes=jax.process_count(), memory_bytes=memory,
+                       compute_capability=getattr(first, "compute_capability", None), hosted=hosted_environment(),
+                       jax_version=jax.__version__, jaxlib_version=jaxlib.__version__, hint=hint)
+
+
+def describe_runtime(info: RuntimeInfo | None = None) -> str:
+    """A few lines saying which accelerator JAX uses, how many devices, and the versions."""
+    from sd_jax import __version__
+
+    info = info or runtime_info()
+    name = {"tpu": "TPU", "gpu": "GPU", "cpu": "CPU"}.get(info.platform, info.platform.upper())
+    device = f"{info.local_devices} x {info.device_kind}"
+    if info.memory_bytes:
+        device += f" ({info.memory_bytes / 2**30:.1f} GiB each)"
+    if info.compute_capability:
+        device += f", compute capability {info.compute_capability}"
+    if info.platform == "cpu":
+        device += f", {os.cpu_count()} CPU cores"
+    lines = [f"runtime: {info.hosted}", f"backend: {name}: {device}"]
+    if info.processes > 1:
+        lines.append(f"hosts: {info.processes} processes, {info.global_devices} devices in all")
+    lines.append(f"versions: jax {info.jax_version} (jaxlib {info.jaxlib_version}), sd_jax {__version__}, "
+                 f"Python {platform.python_version()}")
+    if info.hint:
+        lines.append(f"note: {info.hint}")
+    return "\n".join(lines)
+
+
+def default_dtype(info: RuntimeInfo | None = None) -> str:
+    """The compute dtype for this runtime: bfloat16 on TPU and on GPUs from Ampere on, float16 on older
+    GPUs (no fast bfloat16), float32 on CPU."""
+    info = info or runtime_info()
+    if info.platform == "tpu":
+        return "bfloat16"
+    if info.platform == "gpu":
+        try:
+            major = int(str(info.compute_capability).split(".")[0])
+        except ValueError:
+            return "bfloat16"  # ROCm and other GPUs report no CUDA compute capability
+        return "bfloat16" if major >= 8 else "float16"
+    return "float32"
+
+
+# ----------------------------------------------------------------------------- showing images
+
+
+def _ipython_shell() -> Any:
+    """The running IPython shell, or None (plain Python, or IPython not installed)."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return None
+    return get_ipython()
+
+
+def _png_data_uri(image: Any) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _html_escape(text: str) -> str:
+    import html
+
+    return html.escape(str(text), quote=True)
+
+
+def result_captions(result: Any) -> list[str]:
+    """One caption per image of a GenerationResult: its seed, its prompt when the prompts differ, and a
+    note when the safety checker flagged it."""
+    several = len(set(result.prompts)) > 1
+    captions = []
+    for i, seed in enumerate(result.seeds):
+        text = f"seed {seed}"
+        if several:
+            text += f": {result.prompts[i]}"
+        if result.nsfw and result.nsfw[i]:
+            text += " (flagged by the safety checker)"
+        captions.append(text)
+    return captions
+
+
+def result_title(result: Any) -> str:
+    """One line naming a GenerationResult's settings."""
+    prompts = list(dict.fromkeys(result.prompts))
+    title = " | ".join(prompts)
+    negatives = [n for n in dict.fromkeys(result.negative_prompts) if n]
+    if negatives:
+        title += f" (negative: {' | '.join(negatives)})"
+    scales = sorted(set(result.guidance_scales))
+    return (f"{title}; {result.scheduler}, {result.num_inference_steps} steps, guidance "
+            f"{', '.join(f'{g:g}' for g in scales)}, {result.width}x{result.height}")
+
+
+def images_html(images: Sequence[Any], captions: Sequence[str], title: str = "", size: int = 256) -> str:
+    """HTML of images in a wrapping grid, each ``size`` pixels wide with its caption underneath."""
+    figures = []
+    for image, caption in zip(images, captions):
+        w, h = image.size
+        height = round(size * h / w)
+        style = "image-rendering:pixelated;" if w < size else ""
+        figures.append(
+            f'<figure style="margin:0;text-align:center"><img src="{_png_data_uri(image)}" width="{size}" '
+            f'height="{height}" style="{style}" alt="{_html_escape(caption)}"/>'
+            f'<figcaption style="font-size:12px">{_html_escape(caption)}</figcaption></figure>')
+    header = f'<div style="margin-bottom:4px">{_html_escape(title)}</div>' if title else ""
+    return (f'<div style="font-family:sans-serif">{header}'
+            f'<div style="display:flex;flex-wrap:wrap;gap:8px">{"".join(figures)}</div></div>')
+
+
+def show_images(images: Any, captions: Sequence[str] | None = None, title: str | None = None,
+                size: int = 256) -> None:
+    """Show images inline, each with a caption: a GenerationResult (captions: seeds), or PIL images / paths.
+
+    In a notebook the images appear as one HTML grid; elsewhere one text line is
+    printed per image.
+    """
+    from sd_jax import images as imageio
+
+    if hasattr(images, "seeds") and hasattr(images, "images"):
+        captions = captions if captions is not None else result_captions(images)
+        title = title if title is not None else result_title(images)
+        images = images.images
+    images = [imageio.to_rgb(imageio.open_image(im)) if isinstance(im, (str, Path)) else im for im in images]
+    if not images:
+        raise ValueError("show_images got no images")
+    captions = list(captions) if captions is not None else [f"image {i}" for i in range(len(images))]
+    if len(captions) != len(images):
+        raise ValueError(f"{len(captions)} captions for {len(images)} images")
+    if _ipython_shell() is None:
+        if title:
+            print(title)
+        for image, caption in zip(images, captions):
+            print(f"{caption}: {image.size[0]}x{image.size[1]} image")
+        return
+    from IPython.display import HTML, display
+
+    display(HTML(images_html(images, captions, title or "", size)))
+
+
+# ----------------------------------------------------------------------------- saving
+
+
+def image_metadata(result: Any, index: int, model: str, dtype: str) -> dict[str, Any]:
+    """The PNG text chunks of image ``index`` of a GenerationResult (the keys generate.py writes)."""
+    from sd_jax import __version__
+
+    return {"prompt": result.prompts[index], "negative_prompt": result.negative_prompts[index],
+            "steps": result.num_inference_steps, "scheduler": result.scheduler,
+            "guidance_scale": result.guidance_scales[index], "seed": result.seeds[index],
+            "width": result.width, "height": result.height, "model": model, "dtype": dtype,
+            "batch_size": len(result.images), "sd_jax_version": __version__}
+
+
+def _free_path(outdir: Path, index: int, suffix: str) -> tuple[Path, int]:
+    """``outdir/NNNNN-suffix`` with the first number at or after ``index`` no file uses yet."""
+    while any(outdir.glob(f"{index:05d}-*")):
+        index += 1
+    return outdir / f"{index:05d}-{suffix}", index
+
+
+def save_images(result: Any, outdir: str | Path, model: str, dtype: str, grid: bool = False) -> list[Path]:
+    """Write a GenerationResult as ``OUTDIR/NNNNN-SEED.png`` with its generation parameters as PNG text.
+
+    Numbering continues after the highest number in ``outdir``, as generate.py's
+    does; ``grid`` also writes ``grid-NNNNN.png``. Returns the paths written.
+    """
+    from sd_jax import images as imageio
+    from sd_jax.cli.common import prepare_output_dir
+    from sd_jax.cli.generate import next_grid_index, next_index
+
+    outdir = prepare_output_dir(outdir, "outdir")
+    index = next_index(outdir)
+    paths = []
+    for i, (image, seed) in enumerate(zip(result.images, result.seeds)):
+        path, index = _free_path(outdir, index, f"{seed}.png")
+        paths.append(imageio.save_png(image, path, image_metadata(result, i, model, dtype)))
+        index += 1
+    if grid:
+        meta = {**image_metadata(result, 0, model, dtype), "seeds": " ".join(map(str, result.seeds)),
+                "images": " ".join(p.name for p in paths)}
+        del meta["seed"]
+        path = outdir / f"grid-{next_grid_index(outdir):05d}.png"
+        paths.append(imageio.save_png(imageio.grid(result.images), path, meta))
+    return paths
+
+
+def download(paths: Sequence[str | Path], archive: str | Path = "sd_jax-outputs.zip") -> None:
+    """Offer files for download: on Colab the browser downloads them, on Kaggle and in Jupyter a link is
+    shown, elsewhere the path is printed. Several files (or a folder) go into one zip, ``archive``."""
+    paths = [Path(p) for p in paths]
+    if not paths:
+        raise ValueError("download got no files")
+    target = paths[0]
+    if len(paths) > 1 or paths[0].is_dir():
+        import zipfile
+
+        target = Path(archive)
+        with zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED) as zf:
+            for p in paths:
+                files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+                for f in files:  # a file under its name, a folder's files under the folder's name
+                    zf.write(f, f.relative_to(p.parent))
+    if hosted_environment() == "Colab":
+        from google.colab import files  # type: ignore[import-not-found]
+
+        files.download(str(target))
+    elif _ipython_shell() is not None:
+        from IPython.display import FileLink, display
+
+        display(FileLink(os.path.relpath(target)))
+    else:
+        print(f"files: {target}")
