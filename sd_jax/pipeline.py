@@ -84,7 +84,8 @@ class StableDiffusion:
         """
         compute = parse_dtype(dtype)
         storage = parse_dtype(param_dtype, "param_dtype") if param_dtype is not None else compute
-        files = load_model_files(path, variant=variant, use_ema=use_ema, config=config, **hub_options)
+        files = load_model_files(path, variant=variant, use_ema=use_ema, config=config,
+                                 safety_checker=safety_checker, **hub_options)
         return cls.from_model_files(files, compute, storage, attention=attention, remat=remat,
                                     safety_checker=safety_checker)
 
@@ -112,13 +113,26 @@ class StableDiffusion:
             del tree
             if skipped[name]:
                 log.info("%s: skipped buffers %s", name, ", ".join(skipped[name]))
-        tokenizer = load_tokenizer(files.tokenizer_dir)
+        tokenizer = load_tokenizer(files.tokenizer_dir, pad_token=files.pad_token)
         checker = None
         if safety_checker and "safety_checker" in files.extra_dirs:
             checker = load_safety_checker(files.extra_dirs["safety_checker"],
                                           files.extra_dirs.get("feature_extractor"))
         return cls(tokenizer=tokenizer, params=params, scheduler_config=files.scheduler_config,
                    source=files.source, skipped_weights=skipped, safety_checker=checker, **modules)
+
+    # ------------------------------------------------------------------ export
+    def save_pretrained(self, folder: str | Path, dtype: Any = "float32", *, overwrite: bool = False) -> Path:
+        """Write a complete diffusers folder (safetensors) that diffusers and sd_jax load."""
+        from sd_jax.convert.export import save_pretrained
+
+        return save_pretrained(self, folder, dtype, overwrite=overwrite)
+
+    def save_single_file(self, path: str | Path, dtype: Any = "float16", *, overwrite: bool = False) -> Path:
+        """Write a CompVis-layout ``.safetensors`` (AUTOMATIC1111, ComfyUI, diffusers' from_single_file)."""
+        from sd_jax.convert.export import save_single_file
+
+        return save_single_file(self, path, dtype, overwrite=overwrite)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -166,12 +180,19 @@ class StableDiffusion:
     # ------------------------------------------------------------------ VAE
     def encode_image(self, images: Any, key: jax.Array | None = None) -> jax.Array:
         """Images (B, H, W, 3) in [0, 1] -> scaled latents; the posterior mean when ``key`` is None."""
+        mean, logvar = self.latent_moments(images)
+        if key is not None:
+            mean = mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape, mean.dtype)
+        return mean * self.scaling_factor
+
+    def latent_moments(self, images: Any) -> tuple[jax.Array, jax.Array]:
+        """Images (B, H, W, 3) in [0, 1] -> the VAE posterior's unscaled (mean, logvar), float32."""
         images = jnp.asarray(images)
         factor = self.vae_scale_factor
         if images.ndim != 4 or images.shape[-1] != 3 or images.shape[1] % factor or images.shape[2] % factor:
             raise ValueError(f"images must be (B, H, W, 3) with H and W multiples of {factor}, "
                              f"got shape {images.shape}")
-        return _encode_image(self.vae, self.params["vae"], images, key, self.scaling_factor)
+        return _vae_moments(self.vae, self.params["vae"], images)
 
     def decode_latents(self, latents: Any) -> jax.Array:
         """Scaled latents (B, h, w, 4) -> images (B, H, W, 3) float in [0, 1]."""
@@ -395,16 +416,6 @@ def _predict_noise(module: UNet2DConditionModel, params: Any, latents: jax.Array
                    emb: jax.Array) -> jax.Array:
     """Jitted UNet call."""
     return module.apply({"params": params}, latents.astype(module.dtype), t, emb.astype(module.dtype))
-
-
-@functools.partial(jax.jit, static_argnums=(0, 4))
-def _encode_image(module: AutoencoderKL, params: Any, images: jax.Array, key: jax.Array | None,
-                  scale: float) -> jax.Array:
-    """Jitted VAE encoder: [0, 1] images -> scaled latents."""
-    mean, logvar = module.apply({"params": params}, (images * 2.0 - 1.0).astype(module.dtype),
-                                method=AutoencoderKL.encode)
-    z = mean if key is None else mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape, mean.dtype)
-    return (z * scale).astype(jnp.float32)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3))

@@ -181,18 +181,19 @@ def _find_tokenizer_folder(folder: Path) -> Path:
 
 
 def load_tokenizer(folder: str | os.PathLike | None = None,
-                   max_length: int | None = None) -> Tokenizer:
+                   max_length: int | None = None, pad_token: str | None = None) -> Tokenizer:
     """Load a CLIP tokenizer from a folder, or (``None``) from the packaged vocabulary.
 
     ``max_length`` defaults to the folder's ``model_max_length`` (77 for SD).
-    Never touches the network.
+    ``pad_token`` applies to the packaged vocabulary only: ``<|endoftext|>`` (SD 1.x,
+    the default) or ``!`` (SD 2.x). Never touches the network.
     """
     from transformers import CLIPTokenizerFast, PreTrainedTokenizerFast
 
     if folder is None:
         vocab, merges = clip_vocab_and_merges(PACKAGED_BPE)
         with tempfile.TemporaryDirectory(prefix="sd_jax_clip_vocab_") as tmp:
-            write_vocab_files(tmp, vocab, merges)
+            write_vocab_files(tmp, vocab, merges, pad_token=pad_token or EOS_TOKEN)
             hf = CLIPTokenizerFast.from_pretrained(tmp, local_files_only=True)
         return Tokenizer(hf, max_length)
     path = _find_tokenizer_folder(Path(folder))

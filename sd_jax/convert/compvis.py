@@ -748,8 +748,9 @@ def read_single_file(path: str | Path, *, use_ema: bool = True, config: str | Pa
         notes.insert(0, f"detected a {arch.family} checkpoint")
     for note in notes:
         log.info("%s: %s", path.name, note)
+    pad = "!" if arch.text_encoder.hidden_act == "gelu" else None  # SD 2.x (OpenCLIP) pads with "!"
     return ModelFiles(configs=configs, states=states, scheduler_config=dict(arch.scheduler),
-                      tokenizer_dir=tokenizer_dir, source=str(path), notes=notes)
+                      tokenizer_dir=tokenizer_dir, source=str(path), notes=notes, pad_token=pad)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -62,11 +62,16 @@ def find_weight_files(folder: Path, component: str, variant: str | None = None) 
         suffix = f".{var}" if var else ""
         for name, ext in ((stem, "safetensors"), (stems[1], "bin")):
             single = folder / f"{name}{suffix}.{ext}"
-            index = folder / f"{name}{suffix}.{ext}.index.json"
-            tried += [single.name, index.name]
+            # Sharded: "name.ext.index.json"; variants as diffusers/transformers write them,
+            # "name.ext.index.fp16.json" (and the older "name.fp16.ext.index.json").
+            indexes = [folder / f"{name}{suffix}.{ext}.index.json"]
+            if var:
+                indexes.insert(0, folder / f"{name}.{ext}.index.{var}.json")
+            tried += [single.name] + [i.name for i in indexes]
             if single.is_file():
                 return [single]
-            if index.is_file():
+            index = next((i for i in indexes if i.is_file()), None)
+            if index is not None:
                 shards = sorted(set(read_json(index).get("weight_map", {}).values()))
                 if not shards:
                     raise ValueError(f"{index} has an empty weight_map")

@@ -59,7 +59,9 @@ def select_files(files: Iterable[str], repo_id: str = "the repository", variant:
         raise HubDownloadError(f"{repo_id} is not a diffusers Stable Diffusion repository (no model_index.json)"
                                f"{hint}")
     wanted = ["model_index.json"]
-    components = MODELS + (("safety_checker",) if safety_checker else ())
+    # The safety checker is fetched when asked for and the repository has one (it is optional).
+    has_checker = safety_checker and "safety_checker/config.json" in files
+    components = MODELS + (("safety_checker",) if has_checker else ())
     for component in components:
         config = f"{component}/config.json"
         weights = _weights_of(files, component, variant)
@@ -67,7 +69,7 @@ def select_files(files: Iterable[str], repo_id: str = "the repository", variant:
             raise HubDownloadError(f"{repo_id} has no {'config.json' if config not in files else 'weights'} "
                                    f"for {component}/; it is not a complete Stable Diffusion folder")
         wanted += [config, *weights]
-    small = SMALL_FOLDERS + (("feature_extractor",) if safety_checker else ())
+    small = SMALL_FOLDERS + (("feature_extractor",) if has_checker else ())
     wanted += sorted(f for f in files if f.split("/")[0] in small and f.count("/") == 1)
     return wanted
 

@@ -36,6 +36,7 @@ class ModelFiles:
     source: str
     extra_dirs: dict[str, Path] = dataclasses.field(default_factory=dict)  # e.g. safety_checker
     notes: list[str] = dataclasses.field(default_factory=list)             # what was chosen/skipped
+    pad_token: str | None = None  # for the packaged tokenizer when there is no folder ("!" for SD 2.x)
 
 
 def read_config(reader: Any, data: dict[str, Any], where: Path | str) -> Any:
@@ -64,8 +65,12 @@ def read_diffusers_folder(root: Path, variant: str | None = None) -> ModelFiles:
 
 
 def load_model_files(source: str | Path, *, variant: str | None = None, use_ema: bool = True,
-                     config: str | Path | None = None, **hub_options: Any) -> ModelFiles:
-    """Read a diffusers folder, a CompVis single file (.ckpt/.safetensors) or a hub id."""
+                     config: str | Path | None = None, safety_checker: bool = False,
+                     **hub_options: Any) -> ModelFiles:
+    """Read a diffusers folder, a CompVis single file (.ckpt/.safetensors) or a hub id.
+
+    ``safety_checker`` only matters for hub ids: whether its weights are downloaded too.
+    """
     path = Path(source).expanduser()
     if path.is_dir():
         if config is not None:
@@ -81,8 +86,8 @@ def load_model_files(source: str | Path, *, variant: str | None = None, use_ema:
     if looks_like_hub_id(str(source)):
         from sd_jax.convert.hub import download
 
-        return load_model_files(download(str(source), **hub_options), variant=variant,
-                                use_ema=use_ema, config=config)
+        folder = download(str(source), variant=variant, safety_checker=safety_checker, **hub_options)
+        return load_model_files(folder, variant=variant, use_ema=use_ema, config=config)
     raise ModelFolderError(
         f"model {str(source)!r} does not exist: pass a diffusers folder (with model_index.json, unet/, vae/, "
         "text_encoder/, tokenizer/), a .ckpt/.safetensors file, or a hub id such as CompVis/stable-diffusion-v1-4")

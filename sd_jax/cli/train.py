@@ -1,0 +1,121 @@
+"""``train_dreambooth.py``: flags -> a validated TrainConfig -> :func:`sd_jax.dreambooth.trainer.train`.
+
+A recipe (``--config configs/dreambooth/<recipe>.yaml``) gives the defaults;
+the flags below and generic ``--set key=value`` overrides (dotted keys of the
+config, e.g. ``--set optim.lr_schedule=cosine``) change it. The single-concept
+flags (``--instance-dir``, ``--instance-prompt``, ``--class-prompt``,
+``--class-dir``, ``--num-class-images``) build ``concepts[0]``; several
+concepts come from the recipe's ``concepts:`` list.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from sd_jax.cli import common
+
+PROG = "train_dreambooth.py"
+
+# flag dest -> dotted config key
+FLAG_KEYS = {
+    "model": "model.path", "output_dir": "output_dir", "seed": "seed",
+    "resolution": "data.resolution", "max_train_steps": "train.max_train_steps",
+    "learning_rate": "optim.learning_rate", "text_encoder_lr": "optim.text_encoder_lr",
+    "train_batch_size": "train.train_batch_size", "train_text_encoder": "train.train_text_encoder",
+    "prior_loss_weight": "train.prior_loss_weight", "checkpoint_every": "checkpoint.every",
+    "sample_every": "logging.sample_every", "mixed_precision": "train.mixed_precision",
+    "grad_accum_steps": "optim.grad_accum_steps", "lr_schedule": "optim.lr_schedule",
+    "skip_bad_images": "data.skip_bad_images", "save_single_file": "checkpoint.save_single_file",
+}
+CONCEPT_FLAGS = ("instance_dir", "instance_prompt", "class_prompt", "class_dir", "num_class_images")
+
+
+def build_parser() -> common.ArgumentParser:
+    """The command line."""
+    p = common.ArgumentParser(prog=PROG, description="Dreambooth fine-tuning of Stable Diffusion v1.x in JAX. "
+                              "Writes OUTPUT_DIR/checkpoints (Orbax), logs (TensorBoard), samples and final "
+                              "(a diffusers folder); an existing OUTPUT_DIR is resumed.")
+    p.add_argument("--config", metavar="YAML", help="a recipe from configs/dreambooth/ (defaults for everything)")
+    p.add_argument("--model", help="starting model: diffusers folder, .ckpt/.safetensors file or hub id")
+    p.add_argument("--instance-dir", help="folder of 3-20 photos of the subject")
+    p.add_argument("--instance-prompt", help='e.g. "a photo of sks dog"')
+    p.add_argument("--class-prompt", help='e.g. "a photo of dog" (turns prior preservation on)')
+    p.add_argument("--class-dir", help="class images folder (missing ones are generated; default "
+                                       "OUTPUT_DIR/class_images/concept_0)")
+    p.add_argument("--num-class-images", type=int, help="class images to use (default 100)")
+    p.add_argument("--output-dir", help="where checkpoints, logs, samples and the final model go")
+    p.add_argument("--resolution", type=int)
+    p.add_argument("--max-train-steps", type=int)
+    p.add_argument("--learning-rate", type=float)
+    p.add_argument("--text-encoder-lr", type=float)
+    p.add_argument("--train-batch-size", type=int, help="instance images per step (+ as many class images)")
+    p.add_argument("--train-text-encoder", action="store_true", default=None)
+    p.add_argument("--prior-loss-weight", type=float)
+    p.add_argument("--checkpoint-every", type=int)
+    p.add_argument("--sample-every", type=int, help="validation samples every N steps (0: none)")
+    p.add_argument("--mixed-precision", choices=("float32", "bfloat16"))
+    p.add_argument("--grad-accum-steps", type=int)
+    p.add_argument("--lr-schedule", choices=("constant", "warmup", "cosine", "linear"))
+    p.add_argument("--skip-bad-images", action="store_true", default=None,
+                   help="warn about and skip unreadable images instead of stopping")
+    p.add_argument("--save-single-file", action="store_true", default=None,
+                   help="also write OUTPUT_DIR/model.safetensors (CompVis layout: AUTOMATIC1111, ComfyUI)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--resume", action="store_true", help="require resuming from OUTPUT_DIR's checkpoints "
+                                                         "(resuming is automatic when they exist)")
+    p.add_argument("--no-resume", action="store_true", help="refuse to start if OUTPUT_DIR has checkpoints")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config value, e.g. --set optim.ema_decay=0.999 (repeatable)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def config_from_args(args: Any) -> Any:
+    """Recipe + flags + --set -> a validated TrainConfig (raises ValueError naming the bad value)."""
+    from sd_jax.dreambooth.config import TrainConfig, apply_set_overrides, load_config, set_path
+
+    base = load_config(args.config, require_runnable=False).to_dict()  # the recipe, validated
+    concept = {name: getattr(args, name) for name in CONCEPT_FLAGS if getattr(args, name) is not None}
+    if concept:
+        if len(base.get("concepts") or []) > 1:
+            raise ValueError("--instance-dir/--instance-prompt/... set one concept, but the recipe lists "
+                             f"{len(base['concepts'])}; edit the recipe or use --set concepts.N.key=value")
+        base["concepts"] = [dict((base.get("concepts") or [{}])[0]) | concept]
+    for dest, key in FLAG_KEYS.items():
+        if getattr(args, dest) is not None:
+            set_path(base, key, getattr(args, dest), f"--{dest.replace('_', '-')}")
+    base = apply_set_overrides(base, args.set)
+    config = TrainConfig.from_dict(base)
+    config.check_runnable()
+    return config
+
+
+def run(args: Any) -> Any:
+    """Validate, check files cheaply, then train."""
+    if args.resume and args.no_resume:
+        raise ValueError("--resume and --no-resume contradict each other")
+    config = config_from_args(args)
+    common.check_model_source(config.model.path)
+    for c in config.concepts:
+        if not Path(c.instance_dir).is_dir():
+            raise ValueError(f"instance folder {c.instance_dir!r} does not exist")
+    common.prepare_output_dir(config.output_dir, "--output-dir")
+    from sd_jax.dreambooth.trainer import train
+
+    resume = True if args.resume else False if args.no_resume else None
+    result = train(config, resume=resume, progress=not args.no_progress)
+    print(f"final model: {result.final_dir}" + (f"; single file: {result.single_file}" if result.single_file else ""))
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; one clear line and exit 2 on a bad value."""
+    args = build_parser().parse_args(argv)
+    return common.run_main(PROG, lambda: run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

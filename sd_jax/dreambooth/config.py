@@ -1,0 +1,530 @@
+"""The Dreambooth run configuration: frozen dataclasses read from YAML recipes plus overrides.
+
+    cfg = load_config("configs/dreambooth/unet_only.yaml", {"model": "path/to/sd",
+                      "output_dir": "out", "concepts": [{"instance_dir": "dog", ...}]})
+    cfg = load_config(None, apply_set_overrides({}, ["optim.learning_rate=1e-6", "train.remat=true"]))
+
+Sections (YAML keys): ``model``, ``output_dir``, ``seed``, ``concepts`` (list),
+``data``, ``class_images``, ``train``, ``optim``, ``mesh``, ``checkpoint``,
+``logging``. Every value is checked in ``__post_init__``; an error names the
+field (``optim.lr_schedule='cosin'``) and what is valid. Unknown keys are errors.
+
+Steps: ``train.max_train_steps`` counts optimizer updates. Each update consumes
+``optim.grad_accum_steps`` micro-batches of ``train.train_batch_size`` instance
+examples (plus as many class examples with prior preservation).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from sd_jax.models.attention import IMPLEMENTATIONS as ATTENTION
+
+LR_SCHEDULES = ("constant", "warmup", "cosine", "linear")
+MIXED_PRECISION = ("float32", "bfloat16")
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is not valid."""
+
+
+def _fail(name: str, value: Any, valid: str) -> None:
+    raise ConfigError(f"{name}={value!r} is not valid: {valid}")
+
+
+def _check_int(name: str, value: Any, low: int | None = None, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or (low is not None and value < low):
+        _fail(name, value, f"expected an integer >= {low}" + (" or null" if allow_none else "")
+              if low is not None else "expected an integer")
+
+
+def _check_float(name: str, value: Any, low: float | None = None, high: float | None = None,
+                 low_open: bool = False, high_open: bool = False, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    if not ok:
+        lo = "" if low is None else f"{'>' if low_open else '>='} {low}"
+        hi = "" if high is None else f"{'<' if high_open else '<='} {high}"
+        rng = " and ".join(x for x in (lo, hi) if x)
+        _fail(name, value, f"expected a finite number {rng}".strip() + (" or null" if allow_none else ""))
+
+
+def _check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        _fail(name, value, "expected true or false")
+
+
+def _check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
+    if value not in choices:
+        _fail(name, value, f"choose one of {', '.join(map(repr, choices))}")
+
+
+def _check_str(name: str, value: Any, allow_none: bool = False, allow_empty: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if not isinstance(value, str) or (not allow_empty and not value.strip()):
+        _fail(name, value, "expected a non-empty string" + (" or null" if allow_none else ""))
+
+
+# ------------------------------------------------------------------------------------ sections
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The starting model: a diffusers folder, a CompVis single file or a hub id."""
+
+    path: str = ""
+    variant: str | None = None       # e.g. "fp16" files of a diffusers folder
+    attention: str = "auto"          # sd_jax.models.attention implementation
+
+    def __post_init__(self):
+        _check_str("model.path", self.path, allow_empty=True)
+        _check_str("model.variant", self.variant, allow_none=True)
+        _check_choice("model.attention", self.attention, ATTENTION)
+
+
+@dataclasses.dataclass(frozen=True)
+class Concept:
+    """One subject: its photos and prompt, and (optionally) its class prompt and class images."""
+
+    instance_dir: str
+    instance_prompt: str
+    class_prompt: str | None = None     # None: no prior preservation for this concept
+    class_dir: str | None = None        # None: <output_dir>/class_images/concept_<i>
+    num_class_images: int = 100
+
+    def __post_init__(self):
+        _check_str("concepts[].instance_dir", self.instance_dir)
+        _check_str("concepts[].instance_prompt", self.instance_prompt)
+        _check_str("concepts[].class_prompt", self.class_prompt, allow_none=True)
+        _check_str("concepts[].class_dir", self.class_dir, allow_none=True)
+        _check_int("concepts[].num_class_images", self.num_class_images, 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Image preprocessing and what is cached before training."""
+
+    resolution: int = 512
+    center_crop: bool = False          # False: random crop
+    random_flip: bool = True
+    skip_bad_images: bool = False      # False: an unreadable image is an error
+    cache_latents: bool = True         # VAE posterior moments computed once
+    cache_text_embeddings: bool = True  # only used while the text encoder is frozen
+
+    def __post_init__(self):
+        _check_int("data.resolution", self.resolution, 8)
+        if self.resolution % 8:
+            _fail("data.resolution", self.resolution, "expected a multiple of 8 (the VAE downsamples by 8)")
+        for name in ("center_crop", "random_flip", "skip_bad_images", "cache_latents", "cache_text_embeddings"):
+            _check_bool(f"data.{name}", getattr(self, name))
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassImageConfig:
+    """How missing class images are generated by the frozen starting model."""
+
+    num_inference_steps: int = 50
+    guidance_scale: float = 7.5
+    scheduler: str | None = None       # None: the model folder's scheduler
+    batch_size: int = 4
+    negative_prompt: str = ""
+    seed: int | None = None            # None: the run's seed
+
+    def __post_init__(self):
+        _check_int("class_images.num_inference_steps", self.num_inference_steps, 1)
+        _check_float("class_images.guidance_scale", self.guidance_scale, 0.0)
+        _check_str("class_images.scheduler", self.scheduler, allow_none=True)
+        _check_int("class_images.batch_size", self.batch_size, 1)
+        _check_str("class_images.negative_prompt", self.negative_prompt, allow_empty=True)
+        _check_int("class_images.seed", self.seed, 0, allow_none=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingConfig:
+    """What trains, for how long, the loss and the numerics."""
+
+    max_train_steps: int = 800          # optimizer updates
+    train_batch_size: int = 1           # instance examples per micro-batch (+ as many class examples)
+    train_text_encoder: bool = False
+    text_encoder_steps: int | None = None  # train the text encoder for the first N updates only
+    prior_loss_weight: float = 1.0      # λ of SPEC §2; 0 switches prior preservation off
+    noise_offset: float = 0.0           # ε += offset · N(0, 1) per (example, channel)
+    min_snr_gamma: float | None = None  # Min-SNR-γ loss weighting (Hang et al. 2023); null: off
+    mixed_precision: str = "float32"    # "bfloat16": bf16 compute, float32 master weights and Adam state
+    remat: bool = False                 # recompute UNet blocks in the backward pass
+    skip_nonfinite_updates: bool = True  # a NaN/inf loss or gradient leaves the weights unchanged
+
+    def __post_init__(self):
+        _check_int("train.max_train_steps", self.max_train_steps, 1)
+        _check_int("train.train_batch_size", self.train_batch_size, 1)
+        _check_bool("train.train_text_encoder", self.train_text_encoder)
+        _check_int("train.text_encoder_steps", self.text_encoder_steps, 1, allow_none=True)
+        if self.text_encoder_steps is not None and not self.train_text_encoder:
+            _fail("train.text_encoder_steps", self.text_encoder_steps,
+                  "only meaningful with train.train_text_encoder=true (or set it to null)")
+        _check_float("train.prior_loss_weight", self.prior_loss_weight, 0.0)
+        _check_float("train.noise_offset", self.noise_offset, 0.0)
+        _check_float("train.min_snr_gamma", self.min_snr_gamma, 0.0, low_open=True, allow_none=True)
+        _check_choice("train.mixed_precision", self.mixed_precision, MIXED_PRECISION)
+        _check_bool("train.remat", self.remat)
+        _check_bool("train.skip_nonfinite_updates", self.skip_nonfinite_updates)
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """AdamW, its learning-rate schedule, clipping, accumulation and the weights' EMA."""
+
+    learning_rate: float = 5e-6
+    text_encoder_lr: float | None = None  # null: learning_rate
+    lr_schedule: str = "constant"        # constant | warmup | cosine | linear
+    warmup_steps: int = 0                # linear warm-up from 0 (warmup, cosine, linear)
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    weight_decay: float = 0.01           # decoupled (AdamW), on every trainable weight, as the original
+    max_grad_norm: float | None = 1.0    # global-norm clipping; null: off
+    grad_accum_steps: int = 1            # micro-batches per optimizer update
+    ema_decay: float | None = None       # EMA of the trainable weights; null: off
+
+    def __post_init__(self):
+        _check_float("optim.learning_rate", self.learning_rate, 0.0, low_open=True)
+        _check_float("optim.text_encoder_lr", self.text_encoder_lr, 0.0, low_open=True, allow_none=True)
+        _check_choice("optim.lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        _check_int("optim.warmup_steps", self.warmup_steps, 0)
+        if self.lr_schedule == "constant" and self.warmup_steps:
+            _fail("optim.warmup_steps", self.warmup_steps,
+                  "lr_schedule='constant' has no warm-up; use lr_schedule='warmup' (or warmup_steps=0)")
+        _check_float("optim.adam_beta1", self.adam_beta1, 0.0, 1.0, high_open=True)
+        _check_float("optim.adam_beta2", self.adam_beta2, 0.0, 1.0, high_open=True)
+        _check_float("optim.adam_epsilon", self.adam_epsilon, 0.0, low_open=True)
+        _check_float("optim.weight_decay", self.weight_decay, 0.0)
+        _check_float("optim.max_grad_norm", self.max_grad_norm, 0.0, low_open=True, allow_none=True)
+        _check_int("optim.grad_accum_steps", self.grad_accum_steps, 1)
+        _check_float("optim.ema_decay", self.ema_decay, 0.0, 1.0, low_open=True, high_open=True,
+                      allow_none=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh: ``data`` x ``fsdp`` = number of devices (one of them may be -1)."""
+
+    data: int = -1
+    fsdp: int = 1
+    fsdp_min_size: int = 2**18  # arrays with fewer elements are replicated even with fsdp > 1
+
+    def __post_init__(self):
+        for name in ("data", "fsdp"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not (value == -1 or value >= 1):
+                _fail(f"mesh.{name}", value, "expected a positive integer or -1 (all remaining devices)")
+        if self.data == -1 and self.fsdp == -1:
+            _fail("mesh.fsdp", self.fsdp, "at most one of mesh.data and mesh.fsdp may be -1")
+        _check_int("mesh.fsdp_min_size", self.fsdp_min_size, 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    """Orbax checkpoints and the final export."""
+
+    every: int = 500                  # optimizer updates between checkpoints
+    keep: int = 3
+    save_single_file: bool = False    # also write a CompVis-layout .safetensors
+
+    def __post_init__(self):
+        _check_int("checkpoint.every", self.every, 1)
+        _check_int("checkpoint.keep", self.keep, 1)
+        _check_bool("checkpoint.save_single_file", self.save_single_file)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoggingConfig:
+    """TensorBoard scalars and validation samples."""
+
+    log_every: int = 10
+    sample_every: int = 0             # 0: no samples during training
+    validation_prompts: tuple[str, ...] = ()  # empty: the instance prompts
+    sample_steps: int = 25
+    sample_guidance_scale: float = 7.5
+
+    def __post_init__(self):
+        if isinstance(self.validation_prompts, list):
+            object.__setattr__(self, "validation_prompts", tuple(self.validation_prompts))
+        _check_int("logging.log_every", self.log_every, 1)
+        _check_int("logging.sample_every", self.sample_every, 0)
+        if not isinstance(self.validation_prompts, tuple) or not all(
+                isinstance(p, str) for p in self.validation_prompts):
+            _fail("logging.validation_prompts", self.validation_prompts, "expected a list of strings")
+        _check_int("logging.sample_steps", self.sample_steps, 1)
+        _check_float("logging.sample_guidance_scale", self.sample_guidance_scale, 0.0)
+
+
+# --------------------------------------------------------------------------------- the config
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """A whole Dreambooth run. A config without concepts is valid (for building a train step
+    in tests or benches); :meth:`check_runnable` (called by :func:`load_config`) requires them."""
+
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    output_dir: str = "dreambooth-output"
+    seed: int = 0
+    description: str = ""
+    concepts: tuple[Concept, ...] = ()
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    class_images: ClassImageConfig = dataclasses.field(default_factory=ClassImageConfig)
+    train: TrainingConfig = dataclasses.field(default_factory=TrainingConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
+
+    def __post_init__(self):
+        if isinstance(self.concepts, list):
+            object.__setattr__(self, "concepts", tuple(self.concepts))
+        for name, cls in _SECTIONS.items():
+            if not isinstance(getattr(self, name), cls):
+                _fail(name, getattr(self, name), f"expected a {cls.__name__}")
+        if not isinstance(self.concepts, tuple) or not all(isinstance(c, Concept) for c in self.concepts):
+            _fail("concepts", self.concepts, "expected a list of Concept")
+        _check_str("output_dir", self.output_dir)
+        _check_int("seed", self.seed, 0)
+        if self.seed >= 2**32:
+            _fail("seed", self.seed, "expected an integer in [0, 2**32)")
+        _check_str("description", self.description, allow_empty=True)
+        with_class = [c.class_prompt is not None for c in self.concepts]
+        if any(with_class) and not all(with_class):
+            missing = [i for i, w in enumerate(with_class) if not w]
+            _fail("concepts", [c.instance_dir for c in self.concepts],
+                  f"either every concept has a class_prompt or none does (concepts {missing} have none)")
+        o, t = self.optim, self.train
+        if o.lr_schedule in ("cosine", "linear") and o.warmup_steps >= t.max_train_steps:
+            _fail("optim.warmup_steps", o.warmup_steps,
+                  f"must be smaller than train.max_train_steps={t.max_train_steps} for a decaying schedule")
+        if t.text_encoder_steps is not None and t.text_encoder_steps > t.max_train_steps:
+            _fail("train.text_encoder_steps", t.text_encoder_steps,
+                  f"must be <= train.max_train_steps={t.max_train_steps} (null trains it throughout)")
+
+    # -- derived -------------------------------------------------------------------------------
+    @property
+    def with_prior_preservation(self) -> bool:
+        """Class examples are in the batch: the concepts have class prompts and λ > 0."""
+        return bool(self.concepts) and self.concepts[0].class_prompt is not None \
+            and self.train.prior_loss_weight > 0
+
+    @property
+    def text_encoder_lr(self) -> float:
+        """The text encoder's peak learning rate."""
+        return self.optim.text_encoder_lr if self.optim.text_encoder_lr is not None else self.optim.learning_rate
+
+    @property
+    def cached_text_embeddings(self) -> bool:
+        """Text embeddings are computed once (only possible while the text encoder is frozen)."""
+        return self.data.cache_text_embeddings and not self.train.train_text_encoder
+
+    def class_dir(self, index: int) -> Path:
+        """Class-image folder of concept ``index``."""
+        concept = self.concepts[index]
+        if concept.class_dir:
+            return Path(concept.class_dir)
+        return Path(self.output_dir) / "class_images" / f"concept_{index}"
+
+    def check_runnable(self) -> None:
+        """What a training run needs beyond valid values: a model and at least one concept."""
+        if not self.model.path:
+            _fail("model.path", self.model.path, "give the starting model (diffusers folder, .ckpt/.safetensors "
+                  "file or hub id)")
+        if not self.concepts:
+            _fail("concepts", [], "give at least one concept (instance_dir and instance_prompt)")
+
+    # -- dict / YAML ---------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON/YAML-able dict; ``TrainConfig.from_dict(cfg.to_dict()) == cfg``."""
+        return _plain(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> TrainConfig:
+        """Build from a nested dict (YAML); unknown keys and wrong types are errors naming the key."""
+        return _build(cls, d, "")
+
+
+_SECTIONS = {"model": ModelConfig, "data": DataConfig, "class_images": ClassImageConfig,
+             "train": TrainingConfig, "optim": OptimConfig, "mesh": MeshConfig,
+             "checkpoint": CheckpointConfig, "logging": LoggingConfig}
+
+
+def _plain(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    return x
+
+
+def _unknown_key(prefix: str, key: str, valid: Sequence[str]) -> ConfigError:
+    name = f"{prefix}{key}"
+    close = difflib.get_close_matches(key, valid, n=1)
+    hint = f"; did you mean {prefix}{close[0]!r}?" if close else ""
+    return ConfigError(f"unknown config key {name!r}{hint} (valid keys here: {', '.join(sorted(valid))})")
+
+
+def _coerce(value: Any, hint: Any, name: str) -> Any:
+    """YAML niceties: '1e-6' (YAML 1.1 reads it as a string) -> float; ints where floats go."""
+    args = get_args(hint)
+    is_float = hint is float or (get_origin(hint) is Union and float in args)
+    if is_float and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{name}={value!r} is not valid: expected a number") from None
+    if is_float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def _build(cls: type, d: Any, prefix: str) -> Any:
+    if isinstance(d, cls):
+        return d
+    if cls is ModelConfig and isinstance(d, str):  # `model: path` shorthand
+        d = {"path": d}
+    if not isinstance(d, Mapping):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {d!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = get_type_hints(cls)
+    kwargs = {}
+    for key, value in d.items():
+        if key not in fields:
+            raise _unknown_key(prefix, str(key), list(fields))
+        name = f"{prefix}{key}"
+        if cls is TrainConfig and key in _SECTIONS:
+            kwargs[key] = _build(_SECTIONS[key], value if value is not None else {}, f"{name}.")
+        elif cls is TrainConfig and key == "concepts":
+            if not isinstance(value, (list, tuple)):
+                raise ConfigError(f"concepts={value!r} is not valid: expected a list of mappings")
+            concepts = []
+            for i, c in enumerate(value):
+                concept_fields = [f.name for f in dataclasses.fields(Concept)]
+                if isinstance(c, Mapping):
+                    missing = [k for k in ("instance_dir", "instance_prompt") if k not in c]
+                    if missing:
+                        raise ConfigError(f"concepts[{i}] lacks {', '.join(missing)}")
+                    try:
+                        concepts.append(_build(Concept, c, f"concepts[{i}]."))
+                    except ConfigError as e:
+                        raise ConfigError(str(e).replace("concepts[].", f"concepts[{i}].")) from None
+                elif isinstance(c, Concept):
+                    concepts.append(c)
+                else:
+                    raise ConfigError(f"concepts[{i}]={c!r} is not valid: expected a mapping with "
+                                      f"{', '.join(concept_fields)}")
+            kwargs[key] = tuple(concepts)
+        else:
+            value = _coerce(value, hints[key], name)
+            if isinstance(value, list):
+                value = tuple(value)
+            kwargs[key] = value
+    return cls(**kwargs)
+
+
+# ------------------------------------------------------------------------------ loading
+
+def _set_path(d: dict, dotted: str, value: Any, what: str) -> None:
+    """d["a"]["b"] = value for "a.b"; list entries by index ("concepts.0.instance_prompt")."""
+    if not dotted or any(not part for part in dotted.split(".")):
+        raise ConfigError(f"{what}: bad key {dotted!r} (expected dotted names like optim.learning_rate)")
+    parts = dotted.split(".")
+    node: Any = d
+    for i, part in enumerate(parts[:-1]):
+        here = ".".join(parts[: i + 1])
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"{what}: {here!r} is not an index of a list of {len(node)}")
+            node = node[int(part)]
+            continue
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        elif not isinstance(child, (dict, list)):
+            raise ConfigError(f"{what}: {here!r} holds {child!r}, not a section")
+        node = child
+    last = parts[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise ConfigError(f"{what}: {dotted!r} is not an index of a list of {len(node)}")
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def apply_set_overrides(d: Mapping[str, Any], assignments: Sequence[str]) -> dict[str, Any]:
+    """A copy of ``d`` with each ``"a.b=value"`` applied; values are parsed by ``yaml.safe_load``
+    (``3`` int, ``1e-6`` float, ``true``, ``null``, ``[a, b]`` a list, anything else a string)."""
+    out = copy.deepcopy(dict(d))
+    for item in assignments:
+        if not isinstance(item, str) or "=" not in item:
+            raise ConfigError(f"override {item!r} is not valid: expected key=value, e.g. optim.learning_rate=1e-6")
+        key, text = item.split("=", 1)
+        key = key.strip()
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {key}: cannot parse {text!r} as a YAML value ({e})") from None
+        _set_path(out, key, value, f"override {item!r}")
+    return out
+
+
+def _merge(base: dict, overrides: Mapping[str, Any]) -> dict:
+    """Deep merge; keys with dots ("optim.learning_rate") are paths."""
+    for key, value in overrides.items():
+        if "." in str(key):
+            _set_path(base, str(key), copy.deepcopy(value), "override")
+        elif isinstance(value, Mapping) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        elif key == "model" and isinstance(value, str) and isinstance(base.get(key), dict):
+            base[key]["path"] = value
+        else:
+            base[key] = copy.deepcopy(value) if not isinstance(value, Mapping) else _merge({}, value)
+    return base
+
+
+def load_config(yaml_path: str | Path | None = None, overrides: Mapping[str, Any] | None = None, *,
+                require_runnable: bool = True) -> TrainConfig:
+    """A recipe (YAML file, or nothing) plus overrides -> a validated :class:`TrainConfig`.
+
+    ``overrides`` is a nested dict or has dotted keys (``{"optim.learning_rate": 1e-6}``);
+    ``None`` values in it are ignored (an unset CLI flag). With ``require_runnable``
+    the result must name a model and at least one concept.
+    """
+    base: dict[str, Any] = {}
+    if yaml_path is not None:
+        path = Path(yaml_path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top, got {type(loaded).__name__}")
+        base = loaded
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    cfg = TrainConfig.from_dict(_merge(base, overrides))
+    if require_runnable:
+        cfg.check_runnable()
+    return cfg

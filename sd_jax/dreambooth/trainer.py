@@ -1,0 +1,342 @@
+"""The Dreambooth run: class images, data, the sharded train step, checkpoints, logs, export.
+
+    from sd_jax.dreambooth.config import load_config
+    from sd_jax.dreambooth.trainer import train
+    result = train(load_config("configs/dreambooth/unet.yaml", {"model": "path", ...}))
+
+Output folder layout: ``checkpoints/`` (Orbax, resumable), ``logs/`` (TensorBoard),
+``samples/`` (validation images), ``final/`` (a diffusers folder), ``config.json``.
+
+Resume: a run whose output folder already holds checkpoints continues from the
+latest one (``resume=None``, the default), or must (``resume=True``), or starts
+over refusing to touch existing checkpoints (``resume=False``). The train
+state (weights, Adam moments, EMA, step, RNG) and the data position are
+restored exactly, so a killed run ends with the parameters of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from sd_jax import sharding as shd
+from sd_jax.dreambooth import data as dbdata
+from sd_jax.dreambooth.checkpoint import Checkpointer
+from sd_jax.dreambooth.config import TrainConfig
+from sd_jax.dreambooth.metrics import MetricsLogger, Progress, RunSummary
+from sd_jax.dreambooth.optim import lr_schedules, make_optimizer
+from sd_jax.dreambooth.step import (StepModels, abstract_train_state, concat_prior_batch, init_train_state,
+                                    make_train_step, pad_batch, place_frozen, split_params)
+
+log = logging.getLogger("sd_jax.dreambooth")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradients became NaN or infinite."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What a finished run produced."""
+
+    output_dir: Path
+    final_dir: Path | None
+    single_file: Path | None
+    steps: int
+    final_loss: float
+    summary: dict[str, Any]
+    resumed_from: int | None
+
+
+@dataclasses.dataclass
+class RunPaths:
+    """The output folder's parts."""
+
+    root: Path
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def samples(self) -> Path:
+        return self.root / "samples"
+
+    @property
+    def final(self) -> Path:
+        return self.root / "final"
+
+
+def data_concepts(config: TrainConfig) -> list[dbdata.Concept]:
+    """The config's concepts as data concepts, class folders resolved (validated: folders exist)."""
+    out = []
+    for i, c in enumerate(config.concepts):
+        class_dir = str(config.class_dir(i)) if c.class_prompt is not None else None
+        if class_dir is not None:
+            Path(class_dir).mkdir(parents=True, exist_ok=True)
+        out.append(dbdata.Concept(instance_dir=c.instance_dir, instance_prompt=c.instance_prompt,
+                                  class_prompt=c.class_prompt, class_dir=class_dir,
+                                  num_class_images=max(c.num_class_images, 1)))
+    return out
+
+
+def prepare_class_images(pipe: Any, config: TrainConfig, concepts: list[dbdata.Concept],
+                         progress: bool = True) -> None:
+    """Generate the missing class images with the frozen starting model (process 0 of a multi-host run)."""
+    if not config.with_prior_preservation:
+        return
+    ci = config.class_images
+    if jax.process_index() == 0:
+        for concept in concepts:
+            dbdata.ensure_class_images(pipe, concept, resolution=config.data.resolution, batch_size=ci.batch_size,
+                                       seed=ci.seed if ci.seed is not None else config.seed,
+                                       num_inference_steps=ci.num_inference_steps,
+                                       guidance_scale=ci.guidance_scale, scheduler=ci.scheduler, progress=progress)
+    if jax.process_count() > 1:  # the others wait (class folders must be on a shared filesystem)
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("sd_jax class images")
+
+
+class BatchBuilder:
+    """Dataset rows -> the train step's batch dict, with cached latents and text embeddings."""
+
+    def __init__(self, pipe: Any, config: TrainConfig, dataset: dbdata.DreamboothDataset):
+        self.config, self.dataset, self.pipe = config, dataset, pipe
+        self.latents: dict[tuple[str, int, bool], tuple[np.ndarray, np.ndarray]] = {}
+        self.embeddings: dict[str, np.ndarray] = {}
+        if config.data.cache_latents:
+            self._cache_latents()
+
+    def _cache_latents(self) -> None:
+        """VAE posterior moments of every image once (and of its mirror image for random flips)."""
+        flips = (False, True) if self.config.data.random_flip else (False,)
+        items = list(self.dataset.iter_all_images())
+        for start in range(0, len(items), 8):
+            chunk = items[start:start + 8]
+            pixels = np.stack([it.image for it in chunk]) * 0.5 + 0.5  # [-1, 1] -> [0, 1]
+            for flip in flips:
+                mean, logvar = self.pipe.latent_moments(pixels[:, :, ::-1] if flip else pixels)
+                for it, m, lv in zip(chunk, np.asarray(mean), np.asarray(logvar)):
+                    self.latents[(it.kind, it.index, flip)] = (m, lv)
+
+    def _text(self, prompts: list[str]) -> dict[str, np.ndarray]:
+        """input_ids, or cached embeddings while the text encoder is frozen."""
+        if not self.config.cached_text_embeddings:
+            return {"input_ids": np.asarray(self.pipe.tokenize(prompts), np.int32)}
+        missing = sorted({p for p in prompts if p not in self.embeddings})
+        if missing:
+            for p, e in zip(missing, np.asarray(self.pipe.encode_prompt(missing))):
+                self.embeddings[p] = e
+        return {"text_embeddings": np.stack([self.embeddings[p] for p in prompts])}
+
+    def _part(self, rows: dict[str, Any], kind: str) -> dict[str, np.ndarray]:
+        """One half (instance or class) of a micro-batch."""
+        prompts = list(rows[f"{kind}_prompts"])
+        part = self._text(prompts)
+        if self.config.data.cache_latents:
+            pairs = [self.latents[(kind, int(i), bool(f))]
+                     for i, f in zip(rows[f"{kind}_index"], rows[f"{kind}_flip"])]
+            part["latent_mean"] = np.stack([m for m, _ in pairs])
+            part["latent_logvar"] = np.stack([lv for _, lv in pairs])
+        else:
+            part["pixel_values"] = np.asarray(rows[f"{kind}_images"], np.float32)
+        return part
+
+    def micro_batch(self, position: int) -> dict[str, np.ndarray]:
+        """This process's rows of global micro-batch ``position``, padded to the local device count."""
+        rows = self.dataset.batch(position, process_index=jax.process_index(),
+                                  process_count=jax.process_count())
+        instance = self._part(rows, "instance")
+        prior = self._part(rows, "class") if self.config.with_prior_preservation else None
+        return pad_batch(concat_prior_batch(instance, prior), jax.local_device_count())
+
+    def update_batch(self, position: int) -> dict[str, np.ndarray]:
+        """The micro-batches of one optimizer update, stacked (k, B, ...) when accumulating."""
+        k = self.config.optim.grad_accum_steps
+        micro = [self.micro_batch(position + j) for j in range(k)]
+        if k == 1:
+            return micro[0]
+        return {key: np.stack([m[key] for m in micro]) for key in micro[0]}
+
+
+def _check_output_dir(paths: RunPaths, config: TrainConfig, resume: bool | None) -> int | None:
+    """Decide whether to resume; refuse to mix runs. Returns the step to resume from, or None."""
+    ckpt_dir = paths.checkpoints
+    steps = sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit()) if ckpt_dir.is_dir() else []
+    if resume is True and not steps:
+        raise ValueError(f"--resume: {ckpt_dir} holds no checkpoint to resume from")
+    if steps and resume is False:
+        raise ValueError(f"{paths.root} already holds checkpoints (steps {steps}); resume it (the default) "
+                         "or choose another --output-dir")
+    saved = paths.root / "config.json"
+    if steps and saved.is_file():
+        before = json.loads(saved.read_text())
+        now = config.to_dict()
+        changed = sorted(k for k in set(before) | set(now)
+                         if k not in ("logging", "checkpoint") and before.get(k) != now.get(k))
+        if changed:
+            raise ValueError(f"{paths.root} holds a run with a different configuration (sections differ: "
+                             f"{', '.join(changed)}); resume with the same settings or use another --output-dir")
+    return steps[-1] if steps else None
+
+
+def _validation_prompts(config: TrainConfig) -> list[str]:
+    """The prompts sampled during training: the configured ones, else the instance prompts."""
+    prompts = list(config.logging.validation_prompts) or [c.instance_prompt for c in config.concepts]
+    return list(dict.fromkeys(prompts))
+
+
+def sample_images(pipe: Any, params: dict[str, Any], config: TrainConfig, seed: int = 0) -> Any:
+    """Validation images of the current weights (fixed seeds, so runs are comparable)."""
+    trained = dataclasses.replace(pipe, params={**pipe.params, **params})
+    res = config.data.resolution
+    return trained.generate(_validation_prompts(config), height=res, width=res, seed=seed,
+                            num_inference_steps=config.logging.sample_steps,
+                            guidance_scale=config.logging.sample_guidance_scale)
+
+
+def _host(tree: Any) -> Any:
+    """A pytree of (possibly sharded) arrays gathered to host numpy."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        return multihost_utils.process_allgather(tree, tiled=True)
+    return jax.tree.map(np.asarray, tree)
+
+
+def train(config: TrainConfig, *, pipe: Any = None, resume: bool | None = None,
+          progress: bool = True) -> TrainResult:
+    """Run (or resume) a Dreambooth fine-tune; returns where the model went and the run's figures."""
+    from sd_jax.pipeline import StableDiffusion
+
+    config.check_runnable()
+    shd.initialize_distributed()
+    paths = RunPaths(Path(config.output_dir))
+    resume_step = _check_output_dir(paths, config, resume)
+    for p in (paths.root, paths.checkpoints, paths.logs, paths.samples):
+        p.mkdir(parents=True, exist_ok=True)
+    if jax.process_index() == 0:
+        (paths.root / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+
+    concepts = data_concepts(config)  # validates the instance folders before the model loads
+    if pipe is None:
+        pipe = StableDiffusion.from_pretrained(config.model.path, variant=config.model.variant,
+                                               attention=config.model.attention, safety_checker=False)
+    prepare_class_images(pipe, config, concepts, progress)
+    dataset = dbdata.DreamboothDataset(concepts, resolution=config.data.resolution,
+                                       batch_size=config.train.train_batch_size, seed=config.seed,
+                                       center_crop=config.data.center_crop, random_flip=config.data.random_flip,
+                                       skip_bad=config.data.skip_bad_images)
+    builder = BatchBuilder(pipe, config, dataset)
+
+    mesh = shd.make_mesh(config.mesh.data, config.mesh.fsdp)
+    models = StepModels.from_pipeline(pipe, config)
+    trainable, frozen = split_params(pipe.params, config)
+    optimizer = make_optimizer(config, trainable)
+    ckpt = Checkpointer(paths.checkpoints, keep=config.checkpoint.keep)
+    position = 0
+    if resume_step is not None:
+        state, meta = ckpt.restore(resume_step, abstract_train_state(trainable, optimizer, mesh, config))
+        position = int(meta["data_position"])
+        log.info("resumed from step %d (data position %d)", resume_step, position)
+    else:
+        state = init_train_state(trainable, optimizer, mesh, config)
+    frozen = place_frozen(frozen, mesh, config)
+    # The trainable weights now live in the train state; keep the rest for sampling and export.
+    pipe = dataclasses.replace(pipe, params={k: v for k, v in pipe.params.items() if k not in trainable})
+    builder.pipe = pipe
+    train_step = make_train_step(models, config, optimizer, mesh, state, frozen)
+    schedules = lr_schedules(config)
+
+    total = config.train.max_train_steps
+    start = int(state.step)
+    logger = MetricsLogger(paths.logs, enabled=jax.process_index() == 0)
+    bar = Progress(total, initial=start, enabled=progress and jax.process_index() == 0)
+    summary = RunSummary()
+    images_per_update = dataset.batch_size * (2 if config.with_prior_preservation else 1) \
+        * config.optim.grad_accum_steps
+    last_loss = math.nan
+    try:
+        for step in range(start, total):
+            t0 = time.perf_counter()
+            batch = shd.host_local_batch_to_global(builder.update_batch(position), mesh,
+                                                   accum=config.optim.grad_accum_steps > 1)
+            state, metrics = train_step(state, frozen, batch)
+            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            position += config.optim.grad_accum_steps
+            last_loss = metrics["loss"]
+            if not metrics.get("finite", 1.0) or not math.isfinite(last_loss):
+                good = ckpt.latest_step()
+                raise TrainingDiverged(
+                    f"the loss became {last_loss} at step {step + 1} (grad norm {metrics.get('grad_norm')}); "
+                    f"training stopped. The last good checkpoint is "
+                    f"{'step ' + str(good) if good is not None else 'none (no checkpoint was written yet)'} in "
+                    f"{paths.checkpoints}; lower optim.learning_rate or use train.mixed_precision=float32")
+            seconds = time.perf_counter() - t0
+            summary.step(seconds, images_per_update, last_loss)
+            done = step + 1
+            if done % config.logging.log_every == 0 or done == total:
+                lr = {f"lr/{k}": float(s(done - 1)) for k, s in schedules.items()}
+                logger.scalars(done, {**{f"train/{k}": v for k, v in metrics.items()}, **lr,
+                                      "perf/steps_per_s": 1.0 / seconds,
+                                      "perf/images_per_s": images_per_update / seconds})
+            bar.update(1, {"loss": f"{last_loss:.4f}"})
+            if config.logging.sample_every and done % config.logging.sample_every == 0:
+                _log_samples(pipe, state, config, paths, logger, done)
+            if done % config.checkpoint.every == 0 or done == total:
+                ckpt.save(done, state, {"data_position": position, "step": done, "config": config.to_dict()})
+        ckpt.wait()
+    finally:
+        bar.close()
+        logger.close()
+    final_dir, single = _export(pipe, state, config, paths)
+    ckpt.close()
+    report = summary.report()
+    if progress and jax.process_index() == 0:
+        print(summary.table())
+    return TrainResult(output_dir=paths.root, final_dir=final_dir, single_file=single, steps=total,
+                       final_loss=last_loss, summary=report, resumed_from=resume_step)
+
+
+def trained_params(state: Any, config: TrainConfig) -> dict[str, Any]:
+    """The weights to export: the EMA when it is kept, else the raw ones (host arrays)."""
+    params = state.ema if config.optim.ema_decay is not None and state.ema is not None else state.params
+    return _host(params)
+
+
+def _log_samples(pipe: Any, state: Any, config: TrainConfig, paths: RunPaths, logger: Any, step: int) -> None:
+    """Validation images to samples/ and TensorBoard."""
+    result = sample_images(pipe, _host(state.params), config)
+    if jax.process_index() != 0:
+        return
+    for i, (image, prompt) in enumerate(zip(result.images, result.prompts)):
+        image.save(paths.samples / f"step{step:06d}-{i:02d}.png")
+    logger.images(step, "samples", result.images)
+
+
+def _export(pipe: Any, state: Any, config: TrainConfig, paths: RunPaths) -> tuple[Path | None, Path | None]:
+    """The fine-tuned model as a diffusers folder (and optionally a CompVis single file)."""
+    from sd_jax.convert.export import save_pretrained, save_single_file
+
+    params = trained_params(state, config)
+    if jax.process_index() != 0:
+        return None, None
+    final = dataclasses.replace(pipe, params={**pipe.params, **params})
+    folder = save_pretrained(final, paths.final, overwrite=True)
+    single = None
+    if config.checkpoint.save_single_file:
+        single = save_single_file(final, paths.root / "model.safetensors", overwrite=True)
+    return folder, single
