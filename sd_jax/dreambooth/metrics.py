@@ -27,6 +27,7 @@ import os
 import resource
 import sys
 import time
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TextIO
 
@@ -94,7 +95,11 @@ class MetricsLogger:
         from tensorboardX import SummaryWriter
 
         os.makedirs(self.logdir, exist_ok=True)
-        self._writer = SummaryWriter(self.logdir, purge_step=purge_step, max_queue=100, flush_secs=60)
+        # tensorboardX names files by the second and opens them "wb": a unique suffix keeps a
+        # writer opened within the same second (a quick resume, a test) from erasing another's.
+        suffix = f".{os.getpid()}.{uuid.uuid4().hex[:8]}"
+        self._writer = SummaryWriter(self.logdir, purge_step=purge_step, max_queue=100, flush_secs=60,
+                                     filename_suffix=suffix)
         if jsonl:
             self._jsonl = open(os.path.join(self.logdir, "metrics.jsonl"), "a", encoding="utf-8")
 

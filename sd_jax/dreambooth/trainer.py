@@ -263,11 +263,12 @@ def train(config: TrainConfig, *, pipe: Any = None, resume: bool | None = None,
 
     total = config.train.max_train_steps
     start = int(state.step)
-    logger = MetricsLogger(paths.logs, enabled=jax.process_index() == 0)
+    logger = MetricsLogger(paths.logs, enabled=jax.process_index() == 0,
+                           purge_step=start if resume_step is not None else None)
     bar = Progress(total, initial=start, enabled=progress and jax.process_index() == 0)
-    summary = RunSummary()
     images_per_update = dataset.batch_size * (2 if config.with_prior_preservation else 1) \
         * config.optim.grad_accum_steps
+    summary = RunSummary(images_per_step=images_per_update)
     last_loss = math.nan
     try:
         for step in range(start, total):
@@ -279,6 +280,7 @@ def train(config: TrainConfig, *, pipe: Any = None, resume: bool | None = None,
             position += config.optim.grad_accum_steps
             last_loss = metrics["loss"]
             if not metrics.get("finite", 1.0) or not math.isfinite(last_loss):
+                ckpt.wait()  # an in-flight save of an earlier step completes first
                 good = ckpt.latest_step()
                 raise TrainingDiverged(
                     f"the loss became {last_loss} at step {step + 1} (grad norm {metrics.get('grad_norm')}); "
@@ -286,7 +288,7 @@ def train(config: TrainConfig, *, pipe: Any = None, resume: bool | None = None,
                     f"{'step ' + str(good) if good is not None else 'none (no checkpoint was written yet)'} in "
                     f"{paths.checkpoints}; lower optim.learning_rate or use train.mixed_precision=float32")
             seconds = time.perf_counter() - t0
-            summary.step(seconds, images_per_update, last_loss)
+            summary.tick(1, last_loss)
             done = step + 1
             if done % config.logging.log_every == 0 or done == total:
                 lr = {f"lr/{k}": float(s(done - 1)) for k, s in schedules.items()}
@@ -304,9 +306,9 @@ def train(config: TrainConfig, *, pipe: Any = None, resume: bool | None = None,
         logger.close()
     final_dir, single = _export(pipe, state, config, paths)
     ckpt.close()
-    report = summary.report()
+    report = summary.as_dict()
     if progress and jax.process_index() == 0:
-        print(summary.table())
+        summary.print()
     return TrainResult(output_dir=paths.root, final_dir=final_dir, single_file=single, steps=total,
                        final_loss=last_loss, summary=report, resumed_from=resume_step)
 
