@@ -1,18 +1,13 @@
-"""Dreambooth fine-tuning CLI — not implemented yet.
+"""Dreambooth fine-tuning of Stable Diffusion v1.x in JAX: see ``python train_dreambooth.py --help``.
 
-The trainer (prior preservation, sharded jitted train step, Orbax checkpoints)
-is tracked as its own piece of work; until it lands this script refuses to run
-rather than pretend to train.
+    python train_dreambooth.py --model M --instance-dir D --instance-prompt "a photo of sks dog" \
+        --class-prompt "a photo of dog" --class-dir C --num-class-images 200 --output-dir O \
+        [--config configs/dreambooth/unet.yaml]
 """
 
 import sys
 
-
-def main() -> int:
-    print("train_dreambooth.py: Dreambooth training is not implemented yet in this version of sd_jax.",
-          file=sys.stderr)
-    return 2
-
+from sd_jax.cli.train import main
 
 if __name__ == "__main__":
     sys.exit(main())

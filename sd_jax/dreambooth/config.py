@@ -20,6 +20,7 @@ import copy
 import dataclasses
 import difflib
 import math
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
@@ -378,7 +379,7 @@ def _plain(x: Any) -> Any:
 def _unknown_key(prefix: str, key: str, valid: Sequence[str]) -> ConfigError:
     name = f"{prefix}{key}"
     close = difflib.get_close_matches(key, valid, n=1)
-    hint = f"; did you mean {prefix}{close[0]!r}?" if close else ""
+    hint = f"; did you mean {prefix + close[0]!r}?" if close else ""
     return ConfigError(f"unknown config key {name!r}{hint} (valid keys here: {', '.join(sorted(valid))})")
 
 
@@ -470,6 +471,9 @@ def _set_path(d: dict, dotted: str, value: Any, what: str) -> None:
         node[last] = value
 
 
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")  # 1e-6, 2.5E+3
+
+
 def apply_set_overrides(d: Mapping[str, Any], assignments: Sequence[str]) -> dict[str, Any]:
     """A copy of ``d`` with each ``"a.b=value"`` applied; values are parsed by ``yaml.safe_load``
     (``3`` int, ``1e-6`` float, ``true``, ``null``, ``[a, b]`` a list, anything else a string)."""
@@ -483,6 +487,8 @@ def apply_set_overrides(d: Mapping[str, Any], assignments: Sequence[str]) -> dic
             value = yaml.safe_load(text) if text.strip() else ""
         except yaml.YAMLError as e:
             raise ConfigError(f"override {key}: cannot parse {text!r} as a YAML value ({e})") from None
+        if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+            value = float(value)  # YAML 1.1 reads 1e-6 as a string; YAML 1.2 and users read a number
         _set_path(out, key, value, f"override {item!r}")
     return out
 
@@ -528,3 +534,7 @@ def load_config(yaml_path: str | Path | None = None, overrides: Mapping[str, Any
     if require_runnable:
         cfg.check_runnable()
     return cfg
+
+
+# Public name of the dotted-path setter (used by the command line for its flags).
+set_path = _set_path
