@@ -338,3 +338,122 @@ def download(paths: Sequence[str | Path], archive: str | Path = "sd_jax-outputs.
         display(FileLink(os.path.relpath(target)))
     else:
         print(f"files: {target}")
+
+
+# ----------------------------------------------------------------------------- Dreambooth
+
+PACKAGED_RECIPES = Path(__file__).resolve().parent / "configs" / "dreambooth"  # package data (configs/ links here)
+
+
+def recipe_dirs() -> list[Path]:
+    """Where recipes are looked for: ``configs/dreambooth`` in the working folder, then the packaged recipes."""
+    return list(dict.fromkeys([Path("configs/dreambooth"), PACKAGED_RECIPES]))
+
+
+def find_recipe(recipe: str | Path) -> Path | None:
+    """The YAML file of ``recipe``: a path (as given, or relative to the repository next to the package) or a
+    name from configs/dreambooth/ (``unet``, ``low_memory``, ``original``). None when no file is found."""
+    path = Path(recipe)
+    candidates = [path]
+    if path.suffix in (".yaml", ".yml"):
+        candidates.append(PACKAGED_RECIPES / path.name)  # "configs/dreambooth/unet.yaml" without a clone
+    elif len(path.parts) == 1:
+        candidates += [folder / f"{path.name}.yaml" for folder in recipe_dirs()]
+    return next((c for c in candidates if c.is_file()), None)
+
+
+def dreambooth_config(recipe: str | Path | None, overrides: dict[str, Any] | None = None) -> Any:
+    """A validated Dreambooth TrainConfig: the recipe (see :func:`find_recipe`; the recipes are package data,
+    so a pip install finds them too) plus ``overrides`` (dotted keys, as ``load_config``). Prints which recipe
+    was used."""
+    from sd_jax.dreambooth.config import ConfigError, load_config
+
+    overrides = dict(overrides or {})
+    if recipe is None or str(recipe) == "":
+        config = load_config(None, overrides)
+        print("recipe: none (TrainConfig defaults)")
+        return config
+    path = find_recipe(recipe)
+    if path is not None:
+        config = load_config(path, overrides)
+        print(f"recipe: {path}" + (f" ({config.description})" if config.description else ""))
+        return config
+    names = sorted(p.stem for p in PACKAGED_RECIPES.glob("*.yaml"))
+    raise ConfigError(f"recipe {str(recipe)!r} not found (looked in {', '.join(map(str, recipe_dirs()))}); "
+                      f"give a YAML path or one of {', '.join(names)}")
+
+
+def upload_images(folder: str | Path) -> list[Path]:
+    """The images in ``folder`` (created if missing). When it holds none: on Colab an upload button appears
+    and the chosen files go into it; elsewhere the message says how to fill it. Returns the image paths."""
+    from sd_jax.dreambooth.data import list_images
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    images = list_images(folder)
+    if not images and hosted_environment() == "Colab":
+        from google.colab import files  # type: ignore[import-not-found]
+
+        print(f"choose the photos of your subject; they go into {folder}")
+        cwd = os.getcwd()
+        os.chdir(folder)  # files.upload() writes into the working folder
+        try:
+            uploaded = files.upload() or {}
+        finally:
+            os.chdir(cwd)
+        for name, data in uploaded.items():
+            target = folder / Path(name).name
+            if not target.is_file():
+                target.write_bytes(data)
+        images = list_images(folder)
+    if images:
+        print(f"{len(images)} image(s) in {folder}")
+    else:
+        where = {"Kaggle": "add a dataset with the photos (Add Input) and set INSTANCE_DIR to its folder under "
+                           "/kaggle/input/, or upload them into this folder",
+                 "Colab": "rerun this cell and choose files, or mount Google Drive and set INSTANCE_DIR to a "
+                          "folder there"}.get(hosted_environment(), "copy the photos into it, or set INSTANCE_DIR "
+                                                                     "(SD_JAX_INSTANCE_DIR) to their folder")
+        print(f"no images in {folder}: {where}; 3 to 10 photos of the subject (.jpg, .png, .webp) work best")
+    return images
+
+
+def tensorboard(logdir: str | Path, inline: bool = True) -> None:
+    """TensorBoard inline on ``logdir`` (``%load_ext tensorboard`` + ``%tensorboard --logdir``) when the
+    tensorboard package is installed and this is a notebook; otherwise print how to view the logs."""
+    import importlib.util
+
+    logdir = Path(logdir)
+    logdir.mkdir(parents=True, exist_ok=True)
+    shell = _ipython_shell()
+    installed = importlib.util.find_spec("tensorboard") is not None
+    if inline and installed and shell is not None:
+        shell.run_line_magic("load_ext", "tensorboard")
+        shell.run_line_magic("tensorboard", f'--logdir "{logdir}"')
+        return
+    why = ("inline TensorBoard is switched off" if not inline else
+           "the tensorboard package is not installed (`pip install tensorboard`, then rerun this cell)"
+           if not installed else "this is not a notebook")
+    print(f"TensorBoard logs: {logdir}\n{why}; to view them: `tensorboard --logdir {logdir}` "
+          f"(or in a notebook: %load_ext tensorboard, then %tensorboard --logdir {logdir}); the trainer also "
+          f"writes the scalars as JSON lines to {logdir / 'metrics.jsonl'}")
+
+
+def show_comparison(before: Any, after: Any, labels: Sequence[str] = ("before", "after"), size: int = 256) -> None:
+    """Two GenerationResults of the same prompts and seeds side by side: one row per image, ``labels`` over
+    the columns (outside a notebook one text line per pair)."""
+    if len(before.images) != len(after.images):
+        raise ValueError(f"{len(before.images)} images before and {len(after.images)} after")
+    if list(before.seeds) != list(after.seeds) or list(before.prompts) != list(after.prompts):
+        raise ValueError("the two results must have the same prompts and seeds")
+    rows = [(f"seed {seed}: {prompt}", b, a)
+            for seed, prompt, b, a in zip(before.seeds, before.prompts, before.images, after.images)]
+    if _ipython_shell() is None:
+        for caption, b, a in rows:
+            print(f"{caption}: {labels[0]} {b.size[0]}x{b.size[1]}, {labels[1]} {a.size[0]}x{a.size[1]}")
+        return
+    from IPython.display import HTML, display
+
+    html = "".join(images_html([b, a], [f"{labels[0]}, {caption}", f"{labels[1]}, {caption}"], size=size)
+                   for caption, b, a in rows)
+    display(HTML(f'<div style="display:flex;flex-direction:column;gap:8px">{html}</div>'))

@@ -63,6 +63,20 @@ CASES = [
         outputs=("outputs/00000-7.png", "outputs/00001-8.png", "outputs/grid-00000.png", "sd_jax-outputs.zip"),
         shows=("backend: CPU: 2 x cpu", "seed 7", "seed 8", "ddim, 2 steps"),
     ),
+    NotebookCase(
+        "dreambooth",
+        env=lambda fx: {"SD_JAX_MODEL": str(fx["tiny_folder"]), "SD_JAX_INSTANCE_DIR": str(fx["instance_dir"]),
+                        **SMALL, "SD_JAX_TRAIN_STEPS": "2", "SD_JAX_RESOLUTION": "32", "SD_JAX_CLASS_IMAGES": "2",
+                        "SD_JAX_CLASS_STEPS": "2", "SD_JAX_SAMPLE_EVERY": "2", "SD_JAX_OUTDIR": "db-out",
+                        "SD_JAX_TENSORBOARD": "0"},  # never start a TensorBoard server from a test
+        fixtures=("tiny_folder", "instance_dir"),
+        outputs=("db-out/final/model_index.json", "db-out/model.safetensors", "db-out/class_images/concept_0/*.png",
+                 "db-out/samples/step000002-*.png", "db-out/samples/before/00000-0.png",
+                 "db-out/samples/after/00002-2.png", "db-out/logs/**/events.out.tfevents.*", "dreambooth-model.zip"),
+        shows=("backend: CPU: 2 x cpu", "configs/dreambooth/unet.yaml (diffusers-style", "3 image(s) in",
+               "subject-2.png", "seed 2: a photo of dog", "before, seed 0: a photo of sks dog",
+               "after, seed 1: a photo of sks dog on the beach", "TensorBoard logs:", "2 steps, final loss"),
+    ),
 ]
 
 
@@ -312,3 +326,50 @@ def test_download_outside_a_notebook_zips_several_files(tmp_path, monkeypatch, c
     assert "files: sd_jax-outputs.zip" in capsys.readouterr().out
     notebook.download(paths[:1])
     assert f"files: {paths[0]}" in capsys.readouterr().out
+
+
+def test_dreambooth_config_finds_the_recipe_or_falls_back(tmp_path, monkeypatch, capsys):
+    from sd_jax.dreambooth.config import ConfigError
+
+    monkeypatch.chdir(tmp_path)  # no configs/ in the working folder: the packaged recipes are found
+    over = {"model.path": "m", "concepts": [{"instance_dir": "d", "instance_prompt": "a sks dog"}],
+            "train.max_train_steps": 7}
+    assert notebook.find_recipe("unet") == notebook.find_recipe("configs/dreambooth/unet.yaml") == (
+        notebook.PACKAGED_RECIPES / "unet.yaml")
+    assert (ROOT / "configs" / "dreambooth" / "unet.yaml").resolve() == notebook.PACKAGED_RECIPES / "unet.yaml"
+    cfg = notebook.dreambooth_config("configs/dreambooth/low_memory.yaml", over)
+    assert cfg.train.remat and cfg.train.max_train_steps == 7 and cfg.concepts[0].instance_prompt == "a sks dog"
+    assert "low_memory.yaml (low-memory UNet" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="recipe 'mine.yaml' not found"):
+        notebook.dreambooth_config("mine.yaml", over)
+
+
+def test_upload_images_outside_colab_lists_or_explains(tmp_path, monkeypatch, capsys):
+    for var in notebook.HOSTED_ENV_VARS:
+        monkeypatch.delenv(var[1], raising=False)
+    folder = tmp_path / "photos"
+    assert notebook.upload_images(folder) == [] and folder.is_dir()
+    assert "no images in" in capsys.readouterr().out
+    Image.new("RGB", (8, 8)).save(folder / "b.png")
+    Image.new("RGB", (8, 8)).save(folder / "a.jpg")
+    assert [p.name for p in notebook.upload_images(folder)] == ["a.jpg", "b.png"]
+    assert "2 image(s) in" in capsys.readouterr().out
+
+
+def test_tensorboard_without_the_package_says_how(tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    notebook.tensorboard(tmp_path / "logs")
+    out = capsys.readouterr().out
+    assert (tmp_path / "logs").is_dir() and f"tensorboard --logdir {tmp_path / 'logs'}" in out
+    assert "not installed" in out
+
+
+def test_show_comparison_pairs_images(capsys):
+    notebook.show_comparison(_result(), _result())
+    out = capsys.readouterr().out
+    assert "seed 3: a cat: before 24x16, after 24x16" in out and "seed 4" in out
+    with pytest.raises(ValueError, match="same prompts and seeds"):
+        notebook.show_comparison(_result(), _result(seeds=(5, 6)))
