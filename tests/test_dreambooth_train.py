@@ -162,27 +162,3 @@ def test_output_dir_of_another_run_is_refused(tiny_folder, tmp_path):
     other = _config(tiny_folder, tmp_path, **{"train.max_train_steps": 1, "optim.learning_rate": 3e-4})
     with pytest.raises(ValueError, match="different configuration"):
         train(other, progress=False)
-
-
-def _redness(images: np.ndarray) -> float:
-    return float((images[..., 0] - images[..., 1:].mean(-1)).mean())
-
-
-def test_it_learns_the_subject(tiny_folder, tmp_path):
-    """Instance-prompt samples move toward the red subject much more than class-prompt samples."""
-    config = _config(tiny_folder, tmp_path, **{"train.max_train_steps": 60, "optim.learning_rate": 2e-3,
-                                               "checkpoint.every": 1000, "train.prior_loss_weight": 1.0,
-                                               "train.train_text_encoder": False})
-    pipe = StableDiffusion.from_pretrained(tiny_folder)
-    kwargs = dict(height=RES, width=RES, num_inference_steps=10, scheduler="ddim", seed=list(range(4)),
-                  guidance_scale=1.0)
-    before_inst = pipe.generate(["a photo of sks dog"] * 4, **kwargs).array
-    before_cls = pipe.generate(["a photo of dog"] * 4, **kwargs).array
-    result = train(config, pipe=pipe, progress=False)
-    tuned = StableDiffusion.from_pretrained(result.final_dir)
-    after_inst = tuned.generate(["a photo of sks dog"] * 4, **kwargs).array
-    after_cls = tuned.generate(["a photo of dog"] * 4, **kwargs).array
-    shift_inst = _redness(after_inst) - _redness(before_inst)
-    shift_cls = _redness(after_cls) - _redness(before_cls)
-    assert shift_inst > 0.05, (shift_inst, shift_cls)
-    assert shift_inst > 2 * abs(shift_cls), (shift_inst, shift_cls)
