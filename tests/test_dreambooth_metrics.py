@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import struct
 from pathlib import Path
 
@@ -141,8 +142,9 @@ def test_run_summary_excludes_first_step():
     assert d["final_loss"] == 0.125 and d["peak_rss_bytes"] > 10 * 2**20
     table = summary.table()
     for text in ("steps", "wall time", "13.5 s", "mean s/step", "1.1667", "images/s", "final loss", "0.125",
-                 "peak host memory", "MiB"):
+                 "peak host memory"):
         assert text in table, text
+    assert re.search(r"peak host memory \(RSS\)\s+[\d.]+ [KMG]iB", table), table
     # several steps per tick (e.g. at each log interval)
     times = iter([0.0, 5.0, 9.0])
     s = RunSummary(images_per_step=2, clock=lambda: next(times))

@@ -109,6 +109,7 @@ def _final_unet(out: Path) -> dict:
     return read_state_dict(out / "final" / "unet" / "diffusion_pytorch_model.safetensors")
 
 
+@pytest.mark.slow  # ~2 minutes: two full runs and a resumed one
 def test_kill_and_resume_equals_uninterrupted(tiny_folder, tmp_path):
     """SIGKILL a run mid-way (possibly mid-save), resume it: final weights equal an uninterrupted run's."""
     common = ["--model", str(tiny_folder), "--instance-prompt", "a photo of sks dog", "--class-prompt",
