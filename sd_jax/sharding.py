@@ -29,7 +29,8 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 log = logging.getLogger("sd_jax")
 
@@ -217,9 +218,7 @@ def _distributed_requested(env: Mapping[str, str]) -> bool:
         return True
     if env.get("SLURM_JOB_ID") and int(env.get("SLURM_NTASKS", "1") or 1) > 1:
         return True
-    if int(env.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1:
-        return True
-    return False
+    return int(env.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1  # an Open MPI job of several ranks
 
 
 def initialize_distributed(env: Mapping[str, str] | None = None) -> bool:

@@ -29,7 +29,9 @@ and class examples together, a multiple of the device count, see :func:`pad_batc
 
 With ``optim.grad_accum_steps = k > 1`` every array has a leading micro-batch axis (k, B, ...);
 the step scans over the k micro-batches (one at a time in memory) and averages the
-gradients, then makes one update.
+gradients and losses, then makes one update. Each micro-batch's loss parts are means over
+its own rows, so this equals one batch of k·B rows when every micro-batch holds as many
+instance (and class) rows as the others - which the trainer's batches do.
 
 Randomness: update ``s`` uses ``key = fold_in(wrap_key_data(state.rng), s)``; timesteps
 from ``fold_in(key, 0)``, noise (with offset) from ``fold_in(key, 1)``, the posterior
@@ -51,19 +53,20 @@ and keep its last good checkpoint.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
 from sd_jax import sharding as shd
 from sd_jax.dreambooth.config import TrainConfig
 from sd_jax.dreambooth.loss import dreambooth_loss, min_snr_weights, noise_with_offset
-from sd_jax.dreambooth.optim import ema_update, lr_schedules
+from sd_jax.dreambooth.optim import SkipsNonFinite, ema_update, lr_schedules
 from sd_jax.models.vae import AutoencoderKL
 from sd_jax.schedulers import add_noise, alphas_cumprod, training_target
 
@@ -225,7 +228,7 @@ def concat_prior_batch(instance: dict[str, Any], prior: dict[str, Any] | None = 
     return out
 
 
-def _check_batch(batch: dict[str, Any], models: StepModels, trainable: Any, frozen: Any, accum: int) -> None:
+def _check_batch(batch: dict[str, Any], trainable: Any, frozen: Any, accum: int) -> None:
     """Trace-time checks with errors that say what the batch must carry."""
     unknown = sorted(set(batch) - set(KNOWN_KEYS))
     if unknown:
@@ -353,6 +356,9 @@ def make_train_step(models: StepModels, config: TrainConfig, optimizer: optax.Gr
     ``lr_text_encoder`` (when it trains), ``finite`` (1.0, or 0.0 for a NaN/inf loss or gradient).
     """
     accum = config.optim.grad_accum_steps
+    if ("text_encoder" in state.params) != config.train.train_text_encoder:
+        raise ValueError(f"the state trains {sorted(state.params)} but train.train_text_encoder="
+                         f"{config.train.train_text_encoder}")
     loss_fn = make_loss_fn(models, config)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     schedules = lr_schedules(config)
@@ -367,7 +373,7 @@ def make_train_step(models: StepModels, config: TrainConfig, optimizer: optax.Gr
         return jax.lax.with_sharding_constraint(grads, state_sh.params)
 
     def step_fn(state: TrainState, frozen: Any, batch: dict[str, jax.Array]):
-        _check_batch(batch, models, state.params, frozen, accum)
+        _check_batch(batch, state.params, frozen, accum)
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         batch = draw_randomness(key, batch, models, config, accum)
         if accum == 1:
@@ -390,13 +396,20 @@ def make_train_step(models: StepModels, config: TrainConfig, optimizer: optax.Gr
             parts = jax.tree.map(lambda v: v / accum, parts)
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        ema = ema_update(state.ema, params, ema_decay) if ema_decay is not None else state.ema
-        if skip:
-            keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
-            params, opt_state, ema = keep(params, state.params), keep(opt_state, state.opt_state), \
-                keep(ema, state.ema)
+        if isinstance(optimizer, SkipsNonFinite):  # skips in place: no select over the state
+            updates, opt_state = optimizer.update(grads, state.opt_state, state.params, finite=finite)
+            params = optax.apply_updates(state.params, updates)
+            applied = finite if skip else jnp.bool_(True)
+            ema = (ema_update(state.ema, params, jnp.where(applied, ema_decay, 1.0))
+                   if ema_decay is not None else state.ema)
+        else:  # any other optax transformation: select the old state when non-finite
+            updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+            params = optax.apply_updates(state.params, updates)
+            ema = ema_update(state.ema, params, ema_decay) if ema_decay is not None else state.ema
+            if skip:
+                keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+                params, opt_state, ema = keep(params, state.params), keep(opt_state, state.opt_state), \
+                    keep(ema, state.ema)
         metrics = {"loss": loss, **parts, "grad_norm": grad_norm, "lr": schedules["unet"](state.step),
                    "finite": finite.astype(jnp.float32)}
         if "text_encoder" in schedules:

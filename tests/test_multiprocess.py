@@ -1,0 +1,82 @@
+"""Two processes on localhost form one mesh (2 x 2 CPU devices, gloo collectives, data=2 x
+fsdp=2), each feeding its own half of every batch, and end with the single-process result."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import step_harness as H
+
+from sd_jax.convert.core import flatten_tree
+
+TESTS = Path(__file__).resolve().parent
+TIMEOUT_S = 420
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(port: int, process_id: int) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_", "TPU_", "SLURM_", "OMPI_"))}
+    env.update({
+        "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2",
+        "JAX_PROCESS_ID": str(process_id), "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "SD_JAX_COMPILATION_CACHE": "0",
+        "PYTHONPATH": os.pathsep.join([str(TESTS.parent), str(TESTS), env.get("PYTHONPATH", "")]),
+    })
+    return env
+
+
+def _run_two(out: Path, logs: list) -> list[subprocess.Popen]:
+    """Start both processes; wait for both, killing the other at the first failure or the deadline."""
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, str(TESTS / "step_harness.py"), str(out)], env=_env(port, i),
+                              stdout=logs[i], stderr=subprocess.STDOUT, cwd=TESTS.parent) for i in range(2)]
+    deadline = time.monotonic() + TIMEOUT_S
+    try:
+        while time.monotonic() < deadline:
+            codes = [p.poll() for p in procs]
+            if all(c == 0 for c in codes) or any(c not in (None, 0) for c in codes):
+                break
+            time.sleep(0.2)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+    return procs
+
+
+def test_two_processes_equal_one(tmp_path):
+    out = tmp_path / "result.npz"
+    with contextlib.ExitStack() as stack:
+        logs = [stack.enter_context(open(tmp_path / f"process{i}.log", "w+")) for i in range(2)]
+        procs = _run_two(out, logs)
+        texts = []
+        for log in logs:
+            log.seek(0)
+            texts.append(log.read()[-3000:])
+    report = "\n".join(f"--- process {i} (rc {p.returncode}):\n{t}" for i, (p, t) in enumerate(zip(procs, texts)))
+    assert all(p.returncode == 0 for p in procs), f"a process failed or ran past {TIMEOUT_S} s\n{report}"
+
+    got = dict(np.load(out))
+    want, want_metrics = H.reference_run()
+    np.testing.assert_allclose(got.pop("loss"), [m["loss"] for m in want_metrics], rtol=1e-5)
+    flat_want = {"/".join((group,) + k): v for group in ("params", "ema")
+                 for k, v in flatten_tree(want[group]).items()}
+    assert set(got) == set(flat_want)
+    for name, w in flat_want.items():
+        err = np.abs(got[name] - w).max() / np.abs(w).max()
+        assert err <= 1e-5, f"{name}: max |diff| = {err:.2e} of its scale\n{report}"
+    assert jax.process_count() == 1  # the test process itself stayed single-process
