@@ -19,6 +19,13 @@ aliased, which is what a GPU/TPU would need on the device).
     python bench/train.py                    # 256x256 images (32x32 latents)
     python bench/train.py --resolution 512   # 64x64 latents: needs ~20 GB of RAM per process
     python bench/train.py --unet small       # a small UNet: checks the script in a minute
+    python bench/train.py --estimate --resolution 512 [--fsdp 8]   # XLA's memory estimate only
+
+``--estimate`` compiles the sd_jax step for each setting without allocating anything and prints
+XLA's memory estimate per device (on ``--fsdp N`` host devices: the step of a mesh data=1 x
+fsdp=N, the batch padded to N rows as the trainer pads it). It needs no weights and little RAM, so
+it answers "does a 512² step fit" on a machine too small to run it; the figures are XLA:CPU's
+buffer assignment, a guide to (not a measurement of) GPU/TPU memory.
 
 A worker is skipped, with a line saying so, when the machine has less available memory than
 it is estimated to need (``--min-free-gib`` overrides the estimate).
@@ -233,6 +240,77 @@ def jax_worker(job: dict) -> dict:
 
 # ----------------------------------------------------------------------------- driver
 
+def estimate_worker(job: dict) -> dict:
+    """Compile-only: XLA's memory estimate of the sd_jax step on a data=1 x fsdp=N mesh."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    import sd_jax  # noqa: F401
+    from sd_jax.dreambooth.config import TrainConfig
+    from sd_jax.dreambooth.optim import make_optimizer
+    from sd_jax.dreambooth.step import StepModels, abstract_train_state, make_train_step
+    from sd_jax.models.unet import UNet2DConditionModel, UNetConfig
+    from sd_jax.pipeline import param_shapes
+    from sd_jax.schedulers import NoiseScheduleConfig, alphas_cumprod
+    from sd_jax.sharding import BATCH_AXES, make_mesh
+
+    fsdp = job["fsdp"]
+    cfg = TrainConfig.from_dict({
+        "data": {"cache_latents": True, "cache_text_embeddings": True},
+        "train": {"mixed_precision": job["dtype"], "remat": job["remat"]}, "mesh": {"data": 1, "fsdp": fsdp}})
+    config = V14_UNET_CONFIG if job["unet"] == "v1.4" else SMALL_UNET_CONFIG
+    compute = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[job["dtype"]]
+    unet = UNet2DConditionModel(UNetConfig.from_diffusers(config), dtype=compute, param_dtype=jnp.float32,
+                                remat=job["remat"])
+    models = StepModels(unet=unet, text_encoder=None, vae=None,
+                        alphas_cumprod=alphas_cumprod(NoiseScheduleConfig.sd_v1()), prediction_type="epsilon",
+                        scaling_factor=SCALE)
+    mesh = make_mesh(data=1, fsdp=fsdp, devices=jax.devices()[:fsdp])
+    shapes = {"unet": param_shapes(unet, jnp.zeros((1, 8, 8, 4)), jnp.zeros((1,), jnp.int32),
+                                   jnp.zeros((1, 1, 768)))}
+    optimizer = make_optimizer(cfg, shapes)
+    state = abstract_train_state(shapes, optimizer, mesh, cfg)
+    rows, h = max(2, fsdp), job["resolution"] // 8
+    rows_sharding = NamedSharding(mesh, P(BATCH_AXES))
+    spec = lambda *shape: jax.ShapeDtypeStruct((rows, *shape), jnp.float32, sharding=rows_sharding)
+    batch = {"latent_mean": spec(h, h, 4), "latent_logvar": spec(h, h, 4), "text_embeddings": spec(77, 768),
+             "prior_mask": spec(), "valid": spec()}
+    start = time.perf_counter()
+    mem = make_train_step(models, cfg, optimizer, mesh, state, {}).lower(state, {}, batch).compile().memory_analysis()
+    g = 2**30
+    return {"compile_s": time.perf_counter() - start, "args": mem.argument_size_in_bytes / g,
+            "temp": mem.temp_size_in_bytes / g, "total": (mem.argument_size_in_bytes + mem.output_size_in_bytes
+                                                          + mem.temp_size_in_bytes - mem.alias_size_in_bytes) / g}
+
+
+def run_estimates(args) -> None:
+    """--estimate: one compile-only process per setting; a table of XLA's per-device estimates."""
+    from common import machine
+
+    rows = []
+    for s in args.settings:
+        dtype, remat = SETTINGS[s]
+        job = {"name": f"estimate-{s}-fsdp{args.fsdp}", "impl": "estimate", "dtype": dtype, "remat": remat,
+               "fsdp": args.fsdp, "resolution": args.resolution, "unet": args.unet}
+        work = args.dir or Path(tempfile.mkdtemp(prefix="sd_jax_bench_train_"))
+        work.mkdir(parents=True, exist_ok=True)
+        r = run_worker(job, work, args.timeout,
+                       env={**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={args.fsdp}"})
+        print(f"  {s}: {r}", flush=True)
+        if "total" in r:
+            rows.append((f"step {args.resolution}², {s}, fsdp={args.fsdp}: XLA memory per device",
+                         f"{r['total']:.1f} GiB (state {r['args']:.1f} + temporaries {r['temp']:.1f})", "", ""))
+        else:
+            rows.append((f"step {args.resolution}², {s}, fsdp={args.fsdp}", r["error"], "", ""))
+    print()
+    print(f"machine: {machine()}; UNet {args.unet}; batch 1 instance + 1 class"
+          f"{f' padded to {args.fsdp} rows' if args.fsdp > 2 else ''}; AdamW float32 state; compile only "
+          f"(XLA:CPU buffer assignment)")
+    print(table(rows, header=("figure", "sd_jax", "", "")))
+
+
 def need_gib(n_params: int, resolution: int, remat: bool, dtype: str) -> float:
     """Rough RSS a worker needs: weights, grads, 2 Adam moments (+ a bf16 copy) + activations."""
     state = n_params * 4 * 4 / 2**30 + (n_params * 2 / 2**30 if dtype == "bfloat16" else 0)
@@ -240,13 +318,14 @@ def need_gib(n_params: int, resolution: int, remat: bool, dtype: str) -> float:
     return state + acts + 1.0
 
 
-def run_worker(job: dict, work: Path, timeout: int) -> dict:
+def run_worker(job: dict, work: Path, timeout: int, env: dict | None = None) -> dict:
     path = work / f"job-{job['name']}.json"
     path.write_text(json.dumps(job))
     out = work / f"result-{job['name']}.json"
     out.unlink(missing_ok=True)
+    env = {**(env or os.environ), "SD_JAX_COMPILATION_CACHE": "0"}  # compile times are first compiles
     proc = subprocess.run([sys.executable, __file__, "--worker", str(path), "--result", str(out)],
-                          capture_output=True, text=True, timeout=timeout, check=False)
+                          capture_output=True, text=True, timeout=timeout, check=False, env=env)
     if proc.returncode != 0 or not out.exists():
         tail = (proc.stdout + proc.stderr)[-1500:]
         return {"error": f"exit {proc.returncode}" + (" (killed: out of memory?)" if proc.returncode in (-9, 137)
@@ -265,17 +344,22 @@ def main() -> None:
     parser.add_argument("--dir", type=Path, default=None, help="work folder (default: a temporary one)")
     parser.add_argument("--min-free-gib", type=float, default=None)
     parser.add_argument("--timeout", type=int, default=3600, help="seconds per worker")
+    parser.add_argument("--estimate", action="store_true", help="XLA's memory estimate only (compile, no run)")
+    parser.add_argument("--fsdp", type=int, default=1, help="with --estimate: a data=1 x fsdp=N mesh of host devices")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.worker:
         job = json.loads(Path(args.worker).read_text())
-        result = (torch_worker if job["impl"] == "torch" else jax_worker)(job)
+        result = {"torch": torch_worker, "jax": jax_worker, "estimate": estimate_worker}[job["impl"]](job)
         result["overall_peak"] = _status_gib("VmHWM")
         Path(args.result).write_text(json.dumps(result))
         return
 
+    if args.estimate:
+        run_estimates(args)
+        return
     work = args.dir or Path(tempfile.mkdtemp(prefix="sd_jax_bench_train_"))
     work.mkdir(parents=True, exist_ok=True)
     print(f"preparing random {args.unet} UNet weights and inputs in {work} ...", flush=True)
