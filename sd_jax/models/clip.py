@@ -155,12 +155,13 @@ class CLIPTextEmbeddings(nn.Module):
 
 
 class CLIPAttention(nn.Module):
-    """Causal multi-head self-attention with biased q/k/v/out projections."""
+    """Multi-head self-attention with biased q/k/v/out projections (causal for text, not for images)."""
 
     config: CLIPTextConfig
     implementation: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    causal: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:  # (B, L, C)
@@ -169,7 +170,7 @@ class CLIPAttention(nn.Module):
                                       param_dtype=self.param_dtype, name=name)
         split = lambda t: t.reshape(*t.shape[:2], cfg.num_attention_heads, cfg.head_dim)  # (B, L, H, D)
         q, k, v = (split(dense(name)(x)) for name in ("q_proj", "k_proj", "v_proj"))
-        out = attention(q, k, v, causal=True, implementation=self.implementation)  # (B, L, H, D)
+        out = attention(q, k, v, causal=self.causal, implementation=self.implementation)  # (B, L, H, D)
         return dense("out_proj")(out.reshape(*out.shape[:2], cfg.hidden_size))
 
 
@@ -195,30 +196,38 @@ class CLIPEncoderLayer(nn.Module):
     implementation: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    causal: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:  # (B, L, C) float32
         cfg = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = LayerNorm(cfg.layer_norm_eps, name="layer_norm1", **kw)(x)
-        x = x + CLIPAttention(cfg, self.implementation, name="self_attn", **kw)(h).astype(jnp.float32)
+        x = x + CLIPAttention(cfg, self.implementation, causal=self.causal, name="self_attn",
+                              **kw)(h).astype(jnp.float32)
         h = LayerNorm(cfg.layer_norm_eps, name="layer_norm2", **kw)(x)
         return x + CLIPMLP(cfg, name="mlp", **kw)(h).astype(jnp.float32)
 
 
 class CLIPEncoder(nn.Module):
-    """The stack of encoder layers; runs only the first ``num_layers`` of them."""
+    """The stack of encoder layers; runs only the first ``num_layers`` of them.
+
+    Shared by the text tower (causal) and the safety checker's vision tower (``causal=False``);
+    the config needs hidden_size, num_attention_heads, head_dim, intermediate_size, hidden_act
+    and layer_norm_eps.
+    """
 
     config: CLIPTextConfig
     implementation: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    causal: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array, num_layers: int) -> jax.Array:
         for i in range(num_layers):
             x = CLIPEncoderLayer(self.config, self.implementation, dtype=self.dtype,
-                                 param_dtype=self.param_dtype, name=f"layers_{i}")(x)
+                                 param_dtype=self.param_dtype, causal=self.causal, name=f"layers_{i}")(x)
         return x
 
 

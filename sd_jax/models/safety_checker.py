@@ -47,8 +47,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sd_jax.models.attention import IMPLEMENTATIONS, attention
-from sd_jax.models.clip import ACTIVATIONS, CLIPMLP
+from sd_jax.models.attention import IMPLEMENTATIONS
+from sd_jax.models.clip import ACTIVATIONS, CLIPEncoder
 from sd_jax.models.layers import LayerNorm
 
 Dtype = Any
@@ -207,60 +207,6 @@ class CLIPVisionEmbeddings(nn.Module):
         return jnp.concatenate([cls, patches], axis=1) + positions[None]
 
 
-class CLIPVisionAttention(nn.Module):
-    """Bidirectional multi-head self-attention with biased q/k/v/out projections."""
-
-    config: CLIPVisionConfig
-    implementation: str = "auto"
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:  # (B, L, D)
-        cfg = self.config
-        dense = lambda name: nn.Dense(cfg.hidden_size, dtype=self.dtype,
-                                      param_dtype=self.param_dtype, name=name)
-        split = lambda t: t.reshape(*t.shape[:2], cfg.num_attention_heads, cfg.head_dim)  # (B, L, H, hd)
-        q, k, v = (split(dense(name)(x)) for name in ("q_proj", "k_proj", "v_proj"))
-        out = attention(q, k, v, causal=False, implementation=self.implementation)  # (B, L, H, hd)
-        return dense("out_proj")(out.reshape(*out.shape[:2], cfg.hidden_size))
-
-
-class CLIPVisionEncoderLayer(nn.Module):
-    """Pre-LN block: x + attn(LN(x)), then x + mlp(LN(x)); the residual stays float32."""
-
-    config: CLIPVisionConfig
-    implementation: str = "auto"
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:  # (B, L, D) float32
-        cfg = self.config
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h = LayerNorm(cfg.layer_norm_eps, name="layer_norm1", **kw)(x)
-        x = x + CLIPVisionAttention(cfg, self.implementation, name="self_attn", **kw)(h).astype(jnp.float32)
-        h = LayerNorm(cfg.layer_norm_eps, name="layer_norm2", **kw)(x)
-        # clip.CLIPMLP reads only hidden_size, intermediate_size and hidden_act of its config.
-        return x + CLIPMLP(cfg, name="mlp", **kw)(h).astype(jnp.float32)
-
-
-class CLIPVisionEncoder(nn.Module):
-    """The stack of ``num_hidden_layers`` encoder layers."""
-
-    config: CLIPVisionConfig
-    implementation: str = "auto"
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        for i in range(self.config.num_hidden_layers):
-            x = CLIPVisionEncoderLayer(self.config, self.implementation, dtype=self.dtype,
-                                       param_dtype=self.param_dtype, name=f"layers_{i}")(x)
-        return x
-
-
 class CLIPVisionTransformer(nn.Module):
     """Pixels (B, S, S, C) -> (last hidden state (B, 1 + P, D), pooled (B, D)), both float32.
 
@@ -284,7 +230,8 @@ class CLIPVisionTransformer(nn.Module):
         x = CLIPVisionEmbeddings(cfg, name="embeddings", **kw)(pixel_values)  # (B, 1 + P, D) f32
         x = LayerNorm(cfg.layer_norm_eps, dtype=jnp.float32, param_dtype=self.param_dtype,
                       name="pre_layrnorm")(x)
-        x = CLIPVisionEncoder(cfg, self.attention_implementation, name="encoder", **kw)(x)
+        x = CLIPEncoder(cfg, self.attention_implementation, causal=False, name="encoder",
+                        **kw)(x, cfg.num_hidden_layers)  # the text tower's layers, bidirectional
         pooled = LayerNorm(cfg.layer_norm_eps, dtype=jnp.float32, param_dtype=self.param_dtype,
                            name="post_layernorm")(x[:, 0])  # (B, D)
         return x, pooled
