@@ -308,13 +308,14 @@ def _adamw64(params, grads_seq, lrs, b1, b2, eps, wd, max_norm):
         g = jax.tree.map(lambda x: np.asarray(x, np.float64), grads)
         norm = np.sqrt(sum(np.sum(x ** 2) for x in jax.tree.leaves(g)))
         if max_norm is not None and norm >= max_norm:
-            g = jax.tree.map(lambda x: x * max_norm / norm, g)
+            g = jax.tree.map(lambda x, c=max_norm / norm: x * c, g)
         m = jax.tree.map(lambda m_, g_: b1 * m_ + (1 - b1) * g_, m, g)
         v = jax.tree.map(lambda v_, g_: b2 * v_ + (1 - b2) * g_ ** 2, v, g)
         for group in p:
             lr = lrs[group](t - 1)
-            p[group] = jax.tree.map(lambda p_, m_, v_, lr=lr: p_ - lr * (
-                (m_ / (1 - b1 ** t)) / (np.sqrt(v_ / (1 - b2 ** t)) + eps) + wd * p_), p[group], m[group], v[group])
+            bc1, bc2 = 1 - b1 ** t, 1 - b2 ** t
+            p[group] = jax.tree.map(lambda p_, m_, v_, lr=lr, bc1=bc1, bc2=bc2: p_ - lr * (
+                (m_ / bc1) / (np.sqrt(v_ / bc2) + eps) + wd * p_), p[group], m[group], v[group])
     return p
 
 
@@ -330,7 +331,7 @@ def test_fused_adamw_equals_reference_adamw(max_grad_norm):
                                            "warmup_steps": 2, "max_grad_norm": max_grad_norm,
                                            "weight_decay": 0.05, "adam_beta1": 0.8, "adam_epsilon": 1e-6}})
     o, scheds = cfg.optim, lr_schedules(cfg)
-    adamw = lambda s: optax.adamw(s, b1=o.adam_beta1, b2=o.adam_beta2, eps=o.adam_epsilon,  # noqa: E731
+    adamw = lambda s: optax.adamw(s, b1=o.adam_beta1, b2=o.adam_beta2, eps=o.adam_epsilon,
                                   weight_decay=o.weight_decay)
     groups = {"unet": "unet", "text_encoder": "text_encoder"}
     ref = optax.chain(*([optax.clip_by_global_norm(max_grad_norm)] if max_grad_norm else []),

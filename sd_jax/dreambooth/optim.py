@@ -121,7 +121,7 @@ def fused_adamw(schedules: Mapping[str, optax.Schedule], *, b1: float = 0.9, b2:
     def init(params):
         if set(params) != set(schedules):
             raise ValueError(f"parameter groups {sorted(params)} do not match the schedules' {sorted(schedules)}")
-        zeros = lambda: jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params)  # noqa: E731
+        zeros = lambda: jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params)
         return AdamWState(count=jnp.zeros([], jnp.int32), mu=zeros(), nu=zeros())
 
     def update(grads, state, params=None, *, finite=True, **extra):

@@ -407,7 +407,7 @@ def make_train_step(models: StepModels, config: TrainConfig, optimizer: optax.Gr
             params = optax.apply_updates(state.params, updates)
             ema = ema_update(state.ema, params, ema_decay) if ema_decay is not None else state.ema
             if skip:
-                keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+                keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
                 params, opt_state, ema = keep(params, state.params), keep(opt_state, state.opt_state), \
                     keep(ema, state.ema)
         metrics = {"loss": loss, **parts, "grad_norm": grad_norm, "lr": schedules["unet"](state.step),
