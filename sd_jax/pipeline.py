@@ -28,7 +28,8 @@ from sd_jax.models.clip import CLIPTextModel
 from sd_jax.models.unet import UNet2DConditionModel
 from sd_jax.models.vae import AutoencoderKL
 from sd_jax.safety import load_safety_checker
-from sd_jax.schedulers import NoiseScheduleConfig, get_scheduler, scheduler_name_for_config
+from sd_jax.schedulers import (NoiseScheduleConfig, get_scheduler, pad_schedule, schedule_length,
+                               scheduler_name_for_config)
 from sd_jax.tokenizer import load_tokenizer
 
 log = logging.getLogger("sd_jax")
@@ -328,6 +329,8 @@ class StableDiffusion:
         strength = req["strength"] if has_image else 1.0
         state = sched.create(self.noise_schedule(), req["steps"], (chunk, *req["shape"]),
                              strength=strength, **options)
+        # One padded length for every step count: changing the steps never recompiles.
+        state = pad_schedule(sched, state, schedule_length(self.noise_schedule()))
         noise = (jnp.asarray(np.concatenate([req["latents"][sl]] + [req["latents"][sl][-1:]] * (chunk - n)))
                  if req["latents"] is not None else sampling.initial_noise(keys, req["shape"]))
         mode, extra = "txt2img", {}

@@ -8,10 +8,11 @@ stochastic solver (euler_a, ddim with eta > 0, ddpm) adds at loop index ``i`` is
 Nothing depends on the other images of the batch, so image ``b`` is
 regenerated alone by calling with ``seed=seed_b`` and its prompt.
 
-Compilation. The loop is compiled once per (UNet, solver, step count, image
-size, batch size, mode) and kept by ``jax.jit``; guidance scales, seeds,
-prompts, strength (img2img start) and the solver's arrays are traced values,
-so changing them never recompiles. Whether the unconditional half is computed
+Compilation. The loop is compiled once per (UNet, solver, image size, batch
+size, mode) and kept by ``jax.jit``; guidance scales, seeds, prompts, strength
+(img2img start), the step count (the loop's end) and the solver's arrays,
+padded to one length by ``pad_schedule``, are traced values, so changing them
+never recompiles. Whether the unconditional half is computed
 (any guidance scale > 1) is a static choice: with every scale <= 1 the
 unconditional UNet pass is not compiled at all.
 """
@@ -27,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from sd_jax.schedulers import Scheduler, num_model_calls
+from sd_jax.schedulers import Scheduler
 
 MODES = ("txt2img", "inpaint", "blend")
 MAX_SEED = 2**32 - 1  # jax.random.key takes 32-bit seeds  # img2img is txt2img started later; inpaint = 9-channel UNet
@@ -105,7 +106,7 @@ def denoise(unet: Any, scheduler: Scheduler, mode: str, params: Any, state: Any,
     ``masked_latents`` (B, h, w, 4); "blend" (4-channel inpainting by latent
     blending) has ``mask``, ``init_latents`` and ``noise``.
     """
-    n = num_model_calls(state)
+    n = state.num_calls  # traced: the step count is not part of the compiled shape
     shape = latents.shape[1:]
     stochastic = scheduler.stochastic or bool(getattr(state, "stochastic", False))
 

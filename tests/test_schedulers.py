@@ -33,6 +33,8 @@ from sd_jax.schedulers import (
     get_velocity,
     img2img_start,
     num_model_calls,
+    pad_schedule,
+    schedule_length,
     scheduler_name_for_config,
 )
 from sd_jax.schedulers import add_noise as train_add_noise
@@ -253,6 +255,45 @@ def test_jit_fori_loop_matches_eager(name):
         assert_close(got, x, f"{name} jit loop vs eager (strength {strength})")
         compiled.append(loop._cache_size())
     assert compiled[0] == compiled[1], "a new strength must not recompile the loop"
+
+
+@pytest.mark.parametrize("name", SCHEDULER_NAMES)
+def test_padded_schedule_one_compile_for_every_step_count(name):
+    """pad_schedule + the traced loop end: 1, 7 and 50 steps (and img2img) run one executable,
+    each equal to the unpadded schedule run eagerly."""
+    sched = get_scheduler(name)
+    configs = [NoiseScheduleConfig.sd_v1()]
+    if name == "pndm":  # the PRK start (n + 9 calls) goes through the same executable
+        configs.append(NoiseScheduleConfig.from_diffusers_config({**V14, "skip_prk_steps": False}))
+    key = jax.random.PRNGKey(3)
+
+    def model_fn(x_in, t, i):
+        return 0.1 * x_in + 0.05 * jnp.cos(i.astype(jnp.float32)) + 1e-4 * jnp.asarray(t, jnp.float32)
+
+    # A fresh function object: jax.jit's cache is shared by every jit of the same function.
+    loop = jax.jit(lambda *args: denoise_loop(*args), static_argnums=(0, 3))
+    step, scale = jitted(name)
+    for cfg in configs:
+        for n, strength in ((1, 1.0), (7, 1.0), (50, 1.0), (50, 0.5)):
+            if cfg.resolved("skip_prk_steps", False) is False and n < 4:
+                continue
+            state = sched.create(cfg, n, SHAPE, strength=strength)
+            padded = pad_schedule(sched, state, schedule_length(cfg))
+            assert padded.timesteps.shape[0] == schedule_length(cfg) == 1016
+            x = jax.random.normal(jax.random.PRNGKey(5), SHAPE) * sched.init_noise_sigma(state)
+            got, _ = loop(sched, padded, x, model_fn, key)
+            for i in range(int(state.start_index), num_model_calls(state)):
+                out = model_fn(scale(state, x, i), state.timesteps[i], jnp.int32(i))
+                x, state = step(state, out, i, x, jax.random.fold_in(key, i))
+            assert_close(got, x, f"{name} padded loop, {n} steps, strength {strength}")
+    assert loop._cache_size() == len(configs), "a new step count must not recompile the loop"
+
+
+def test_pad_schedule_refuses_shorter_length():
+    sched = get_scheduler("ddim")
+    state = sched.create(NoiseScheduleConfig.sd_v1(), 50, SHAPE)
+    with pytest.raises(ValueError, match="50-call schedule to 10"):
+        pad_schedule(sched, state, 10)
 
 
 @pytest.mark.parametrize("name", ["euler", "euler_a", "dpm++2m", "dpm++2m-karras", "lms", "pndm", "ddim"])

@@ -13,6 +13,10 @@ img2img: `create(..., strength=s)` sets `state.start_index` (diffusers' get_time
 from `x = sched.add_noise_at(state, x0_latents, noise)` instead of `noise * init_noise_sigma`
 and run the same loop from `state.start_index`: the arrays (and so the compiled loop) do not
 depend on the strength. The solvers' multistep memory counts steps from the loop's start.
+
+Step counts: the loop runs to `state.num_calls`, a traced value, and every per-step array can
+be padded to one length (`pad_schedule(sched, state, schedule_length(cfg))`), so one compiled
+loop serves every step count of a solver.
 """
 from __future__ import annotations
 
@@ -35,6 +39,8 @@ __all__ = [
     "get_scheduler",
     "scheduler_name_for_config",
     "num_model_calls",
+    "pad_schedule",
+    "schedule_length",
     "denoise_loop",
     "img2img_start",
     "add_noise",
@@ -64,6 +70,7 @@ class Scheduler:
     stochastic: bool  # always needs a key (ddim needs one only with eta > 0)
     diffusers_class: str
     order: int = 1  # diffusers' `scheduler.order` (the img2img start is t_start * order)
+    step_fields: tuple[str, ...] = ()  # per-step arrays, padded together by pad_schedule
 
 
 def _module_scheduler(name: str, module, stochastic: bool, diffusers_class: str, **create_kw) -> Scheduler:
@@ -77,6 +84,7 @@ def _module_scheduler(name: str, module, stochastic: bool, diffusers_class: str,
         add_noise_at=module.add_noise_at,
         stochastic=stochastic,
         diffusers_class=diffusers_class,
+        step_fields=module.STEP_FIELDS,
     )
 
 
@@ -118,19 +126,40 @@ def scheduler_name_for_config(config: NoiseScheduleConfig) -> str:
 
 
 def num_model_calls(state) -> int:
-    """Length of the loop (model calls) for a full run; PNDM-PLMS makes steps + 1."""
-    return int(state.timesteps.shape[0])
+    """Model calls of a full run (the loop's end); PNDM-PLMS makes steps + 1. Outside jit only."""
+    return int(state.num_calls)
+
+
+# Longest schedule a solver builds beyond num_train_timesteps model calls (PNDM with PRK: n + 9).
+_EXTRA_CALLS = 16
+
+
+def schedule_length(config: NoiseScheduleConfig) -> int:
+    """One padded length that holds every step count's schedule for this noise schedule."""
+    return config.num_train_timesteps + _EXTRA_CALLS
+
+
+def pad_schedule(scheduler: Scheduler, state, length: int):
+    """`state` with its per-step arrays padded to `length` model calls (last entry repeated).
+
+    The loop still ends at `state.num_calls`; only the array shapes change, so states of
+    different step counts share one compiled loop. Entries past the end are never read.
+    """
+    calls = int(state.timesteps.shape[0])
+    if length < calls:
+        raise ValueError(f"cannot pad a {calls}-call schedule to {length} calls")
+    widths = lambda a: [(0, length - calls)] + [(0, 0)] * (a.ndim - 1)  # noqa: E731
+    return state.replace(**{f: jnp.pad(getattr(state, f), widths(getattr(state, f)), mode="edge")
+                            for f in scheduler.step_fields})
 
 
 def denoise_loop(scheduler: Scheduler, state, sample: jax.Array, model_fn: Callable, key: jax.Array | None):
     """Reference loop, jittable with `scheduler` and `model_fn` static: runs loop indices
-    start_index .. num_model_calls-1 with `lax.fori_loop`.
+    start_index .. num_calls-1 with `lax.fori_loop` (both bounds traced).
 
     model_fn(model_input, t, i) -> model_output. Step i gets key fold_in(key, i).
     Returns (final sample, final state).
     """
-    n = num_model_calls(state)
-
     def body(i, carry):
         x, st = carry
         model_in = scheduler.scale_model_input(st, x, i)
@@ -138,4 +167,4 @@ def denoise_loop(scheduler: Scheduler, state, sample: jax.Array, model_fn: Calla
         step_key = None if key is None else jax.random.fold_in(key, i)
         return scheduler.step(st, out, i, x, step_key)
 
-    return jax.lax.fori_loop(jnp.asarray(state.start_index, jnp.int32), n, body, (sample, state))
+    return jax.lax.fori_loop(jnp.asarray(state.start_index, jnp.int32), state.num_calls, body, (sample, state))

@@ -14,6 +14,9 @@ from flax import struct
 from . import schedule
 from ._common import f32, img2img_start, step_noise, x0_eps_from_alpha
 
+# Per-step arrays (leading axis = loop index); padded together by `schedulers.pad_schedule`.
+STEP_FIELDS = ('timesteps', 'alpha_t', 'alpha_prev')
+
 
 @struct.dataclass
 class DDIMState:
@@ -23,6 +26,7 @@ class DDIMState:
     alphas_cumprod: jax.Array  # (T,) f32, for add_noise_at
     eta: jax.Array  # () f32: η of eq. 16 (0 = deterministic DDIM, 1 = DDPM-like)
     start_index: jax.Array  # () int32: first loop index (0 for txt2img)
+    num_calls: jax.Array  # () int32: model calls of the schedule = the loop's end (arrays may be longer)
     prediction_type: str = struct.field(pytree_node=False)
     clip_sample: bool = struct.field(pytree_node=False)
     clip_sample_range: float = struct.field(pytree_node=False)
@@ -56,6 +60,7 @@ def create(
         alphas_cumprod=jnp.asarray(ac, jnp.float32),
         eta=jnp.asarray(eta, jnp.float32),
         start_index=jnp.asarray(img2img_start(n, strength), jnp.int32),
+        num_calls=jnp.asarray(len(timesteps), jnp.int32),
         prediction_type=config.prediction_type,
         clip_sample=bool(config.resolved("clip_sample", True)),
         clip_sample_range=float(config.clip_sample_range),

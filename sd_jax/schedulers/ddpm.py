@@ -18,6 +18,9 @@ from flax import struct
 
 from . import schedule
 from ._common import f32, img2img_start, step_noise, x0_eps_from_alpha
+
+# Per-step arrays (leading axis = loop index); padded together by `schedulers.pad_schedule`.
+STEP_FIELDS = ('timesteps', 'alpha_t', 'alpha_prev', 'noise_scale')
 from .schedule import add_noise, get_velocity, training_target  # noqa: F401  (training helpers)
 
 
@@ -34,6 +37,7 @@ class DDPMState:
     noise_scale: jax.Array  # (n,) f32: 1 where t > 0, else 0
     alphas_cumprod: jax.Array  # (T,) f32, for add_noise_at
     start_index: jax.Array  # () int32
+    num_calls: jax.Array  # () int32: model calls of the schedule = the loop's end (arrays may be longer)
     prediction_type: str = struct.field(pytree_node=False)
     clip_sample: bool = struct.field(pytree_node=False)
     clip_sample_range: float = struct.field(pytree_node=False)
@@ -59,6 +63,7 @@ def create(
         noise_scale=jnp.asarray(timesteps > 0, jnp.float32),
         alphas_cumprod=jnp.asarray(ac, jnp.float32),
         start_index=jnp.asarray(img2img_start(n, strength), jnp.int32),
+        num_calls=jnp.asarray(len(timesteps), jnp.int32),
         prediction_type=config.prediction_type,
         clip_sample=bool(config.resolved("clip_sample", True)),
         clip_sample_range=float(config.clip_sample_range),

@@ -24,6 +24,9 @@ from flax import struct
 from . import schedule
 from ._common import f32, img2img_start
 
+# Per-step arrays (leading axis = loop index); padded together by `schedulers.pad_schedule`.
+STEP_FIELDS = ('timesteps', 'sigmas')
+
 
 @struct.dataclass
 class DPMSolverState:
@@ -32,6 +35,7 @@ class DPMSolverState:
     prev_x0: jax.Array  # (*shape) f32: x̂_0 of the previous step (m1)
     counter: jax.Array  # () int32: steps taken since the loop started
     start_index: jax.Array  # () int32
+    num_calls: jax.Array  # () int32: model calls of the schedule = the loop's end (arrays may be longer)
     prediction_type: str = struct.field(pytree_node=False)
 
 
@@ -86,6 +90,7 @@ def create(
         prev_x0=jnp.zeros(tuple(shape), jnp.float32),
         counter=jnp.zeros((), jnp.int32),
         start_index=jnp.asarray(img2img_start(n, strength), jnp.int32),
+        num_calls=jnp.asarray(len(ts), jnp.int32),
         prediction_type=config.prediction_type,
     )
 
@@ -118,7 +123,7 @@ def _x0(prediction_type, m, x, alpha, sigma_t):
 def step(state: DPMSolverState, model_output, i, sample, key=None, *, noise=None):
     """One DPM-Solver++(2M) step; returns (prev_sample, new_state). Deterministic (key unused)."""
     x, m = f32(sample), f32(model_output)
-    n = state.timesteps.shape[0]
+    n = state.num_calls
     a_s0, s_s0, l_s0 = _vp(state.sigmas[i])
     a_t, s_t, l_t = _vp(state.sigmas[i + 1])
     _, _, l_s1 = _vp(state.sigmas[jnp.maximum(i - 1, 0)])

@@ -14,6 +14,9 @@ from flax import struct
 from . import schedule
 from ._common import f32, img2img_start, x0_from_sigma
 
+# Per-step arrays (leading axis = loop index); padded together by `schedulers.pad_schedule`.
+STEP_FIELDS = ('timesteps', 'sigmas')
+
 
 @struct.dataclass
 class EulerState:
@@ -21,6 +24,7 @@ class EulerState:
     sigmas: jax.Array  # (n + 1,) f32, last 0
     init_sigma: jax.Array  # () f32
     start_index: jax.Array  # () int32
+    num_calls: jax.Array  # () int32: model calls of the schedule = the loop's end (arrays may be longer)
     prediction_type: str = struct.field(pytree_node=False)
 
 
@@ -39,6 +43,7 @@ def create(
         sigmas=jnp.asarray(sigmas),
         init_sigma=jnp.asarray(init),
         start_index=jnp.asarray(img2img_start(n, strength), jnp.int32),
+        num_calls=jnp.asarray(len(ts), jnp.int32),
         prediction_type=config.prediction_type,
     )
 

@@ -14,6 +14,9 @@ from flax import struct
 
 from . import schedule
 from ._common import f32, img2img_start, step_noise, x0_from_sigma
+
+# Per-step arrays (leading axis = loop index); padded together by `schedulers.pad_schedule`.
+STEP_FIELDS = ('timesteps', 'sigmas')
 from .euler import add_noise_at, init_noise_sigma, scale_model_input  # noqa: F401  (same as Euler)
 
 
@@ -23,6 +26,7 @@ class EulerAncestralState:
     sigmas: jax.Array  # (n + 1,) f32, last 0
     init_sigma: jax.Array  # () f32
     start_index: jax.Array  # () int32
+    num_calls: jax.Array  # () int32: model calls of the schedule = the loop's end (arrays may be longer)
     prediction_type: str = struct.field(pytree_node=False)
 
 
@@ -44,6 +48,7 @@ def create(
         sigmas=jnp.asarray(sigmas),
         init_sigma=jnp.asarray(init),
         start_index=jnp.asarray(img2img_start(n, strength), jnp.int32),
+        num_calls=jnp.asarray(len(ts), jnp.int32),
         prediction_type=config.prediction_type,
     )
 

@@ -20,6 +20,9 @@ from flax import struct
 from . import schedule
 from ._common import f32, img2img_start, x0_from_sigma
 
+# Per-step arrays (leading axis = loop index); padded together by `schedulers.pad_schedule`.
+STEP_FIELDS = ('timesteps', 'sigmas', 'coeffs')
+
 ORDER = 4
 
 
@@ -32,6 +35,7 @@ class LMSState:
     counter: jax.Array  # () int32: steps taken since the loop started
     init_sigma: jax.Array  # () f32
     start_index: jax.Array  # () int32
+    num_calls: jax.Array  # () int32: model calls of the schedule = the loop's end (arrays may be longer)
     prediction_type: str = struct.field(pytree_node=False)
 
 
@@ -71,6 +75,7 @@ def create(
         counter=jnp.zeros((), jnp.int32),
         init_sigma=jnp.asarray(init),
         start_index=jnp.asarray(img2img_start(n, strength), jnp.int32),
+        num_calls=jnp.asarray(len(ts), jnp.int32),
         prediction_type=config.prediction_type,
     )
 

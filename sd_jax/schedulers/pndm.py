@@ -23,6 +23,9 @@ from flax import struct
 from . import schedule
 from ._common import f32, img2img_start
 
+# Per-step arrays (leading axis = loop index); padded together by `schedulers.pad_schedule`.
+STEP_FIELDS = ('timesteps',)
+
 N_PRK = 12  # 4 Runge-Kutta stages x 3 steps (diffusers' pndm_order 4)
 
 # Adams-Bashforth weights over the history, oldest..newest, by the number of stored ε (eq. 12).
@@ -49,7 +52,8 @@ class PNDMState:
     cur_model_output: jax.Array  # (*shape) f32: PRK accumulator
     counter: jax.Array  # () int32: steps taken since the loop started
     start_index: jax.Array  # () int32
-    step_ratio: int = struct.field(pytree_node=False)  # T // num_inference_steps
+    num_calls: jax.Array  # () int32: model calls of the schedule = the loop's end (arrays may be longer)
+    step_ratio: jax.Array  # () int32: T // num_inference_steps (traced: one compile for all counts)
     num_prk: int = struct.field(pytree_node=False)  # 0 with skip_prk_steps
     prediction_type: str = struct.field(pytree_node=False)
 
@@ -99,7 +103,8 @@ def create(
         cur_model_output=jnp.zeros(shape, jnp.float32),
         counter=jnp.zeros((), jnp.int32),
         start_index=jnp.asarray(img2img_start(n, strength), jnp.int32),
-        step_ratio=config.num_train_timesteps // n,
+        num_calls=jnp.asarray(len(timesteps), jnp.int32),
+        step_ratio=jnp.asarray(config.num_train_timesteps // n, jnp.int32),
         num_prk=0 if skip_prk else N_PRK,
         prediction_type=config.prediction_type,
     )
