@@ -13,6 +13,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from sd_jax.models.attention import attention
 
@@ -144,16 +145,30 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
-    """Nearest-neighbour x2 then a 3x3 convolution."""
+    """Nearest-neighbour x2 (or to ``size``) then a 3x3 convolution."""
 
     out_channels: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:  # (B, H, W, C) -> (B, 2H, 2W, C)
-        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+    def __call__(self, x: jax.Array, size: tuple[int, int] | None = None) -> jax.Array:
+        # (B, H, W, C) -> (B, 2H, 2W, C), or (B, *size, C): a skip connection of odd size
+        # (latents not divisible by 2^levels), as diffusers' forward_upsample_size.
+        height, width = x.shape[1:3]
+        if size is None or tuple(size) == (2 * height, 2 * width):
+            x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+        else:
+            x = nearest_resize(x, size)
         return conv3x3(self.out_channels, self.dtype, self.param_dtype, name="conv")(x)
+
+
+def nearest_resize(x: jax.Array, size: tuple[int, int]) -> jax.Array:
+    """(B, H, W, C) -> (B, h, w, C) with torch's "nearest" rule: source index floor(i * H / h)."""
+    height, width = x.shape[1:3]
+    rows = (np.arange(size[0]) * height) // size[0]
+    cols = (np.arange(size[1]) * width) // size[1]
+    return x[:, rows][:, :, cols]
 
 
 class Attention(nn.Module):

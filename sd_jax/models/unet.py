@@ -346,7 +346,8 @@ class UpBlock(_UNetBlock):
     position: int = 0
 
     @nn.compact
-    def __call__(self, x, skips, temb, context, deterministic: bool = True):
+    def __call__(self, x, skips, temb, context, deterministic: bool = True,
+                 upsample_size: tuple[int, int] | None = None):
         cfg = self.config
         with_attention = cfg.up_block_types[self.position] == "CrossAttnUpBlock2D"
         for j, skip in enumerate(reversed(skips)):
@@ -356,7 +357,7 @@ class UpBlock(_UNetBlock):
                 x = self._transformer(f"attentions_{j}", x, context)
         if self.position < cfg.num_blocks - 1:
             x = Upsample(cfg.block_out_channels[self.index], dtype=self.dtype, param_dtype=self.param_dtype,
-                         name="upsamplers_0")(x)  # (B, 2H, 2W, C)
+                         name="upsamplers_0")(x, upsample_size)  # (B, 2H, 2W, C) or the next skip's size
         return x
 
 
@@ -386,11 +387,7 @@ class UNet2DConditionModel(nn.Module):
     def __call__(self, sample: jax.Array, timesteps: jax.Array, encoder_hidden_states: jax.Array,
                  deterministic: bool = True) -> jax.Array:
         cfg = self.config
-        batch, height, width, channels = sample.shape
-        factor = 2 ** (cfg.num_blocks - 1)
-        if height % factor or width % factor:
-            raise ValueError(f"UNet input of {height}x{width} latents: height and width must be "
-                             f"multiples of {factor}")
+        batch, channels = sample.shape[0], sample.shape[-1]  # (B, H, W, C); any H, W (odd sizes upsample to the skips)
         if channels != cfg.in_channels:
             raise ValueError(f"UNet input has {channels} channels; the config expects "
                              f"in_channels={cfg.in_channels} (input is NHWC)")
@@ -419,6 +416,8 @@ class UNet2DConditionModel(nn.Module):
             n = cfg.per_block("layers_per_block")[i] + 1
             skips, block_skips = skips[:-n], skips[-n:]
             up = UpBlock(index=i, position=p, name=f"up_blocks_{p}", **blocks)
-            x = up(x, block_skips, temb, context, deterministic)
+            # Odd sizes (latents not divisible by 2^levels): upsample to the next skip's size.
+            size = tuple(skips[-1].shape[1:3]) if skips else None
+            x = up(x, block_skips, temb, context, deterministic, size)
         x = GroupNorm(cfg.norm_num_groups, cfg.norm_eps, name="conv_norm_out", **kw)(x)
         return conv3x3(cfg.out_channels, name="conv_out", **kw)(nn.silu(x))  # (B, H, W, out)
