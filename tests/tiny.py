@@ -59,15 +59,45 @@ def tiny_components(seed: int = 0, in_channels: int = 4):
     return unet, vae, text
 
 
+def learnable(unet, vae, text, images: np.ndarray, seed: int = 0):
+    """Make tiny random components trainable the way a real checkpoint is, in place.
+
+    A random VAE is not an autoencoder: its posterior std (~1) dwarfs its mean (~0.08), so
+    its latents are noise, and a random CLIP at scale 0.05 barely mixes a prompt into the
+    padding positions the UNet mostly attends to. So: the posterior is made near-deterministic
+    (log-variance -30, as a trained VAE's is small), ``scaling_factor`` gives the latents of
+    ``images`` (N, H, W, 3 in [0, 1]) unit variance (how SD's 0.18215 was chosen), and the
+    text encoder is drawn at scale 0.3, so prompts differ at every position after the first
+    differing token. The UNet stays random.
+    """
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    with torch.no_grad():
+        weight, bias = vae.quant_conv.weight, vae.quant_conv.bias  # (2C, 2C, 1, 1): mean | logvar
+        c = weight.shape[0] // 2
+        weight[c:] = 0.0
+        bias[c:] = -30.0
+        latents = vae.encode(nchw(images) * 2 - 1).latent_dist.mean
+    vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
+    text = randomise(CLIPTextModel(CLIPTextConfig(**TINY_CLIP)), seed + 2, scale=0.3)
+    return unet, vae, text
+
+
 def make_tiny_sd(folder: str | Path, seed: int = 0, in_channels: int = 4,
-                 safe_serialization: bool = True) -> Path:
-    """Write a tiny random SD model as a diffusers folder; returns the folder."""
+                 safe_serialization: bool = True, learnable_on: np.ndarray | None = None) -> Path:
+    """Write a tiny random SD model as a diffusers folder; returns the folder.
+
+    ``learnable_on``: images (N, H, W, 3) in [0, 1] to make the model trainable on (see
+    ``learnable``), for tests that check a fine-tune learns.
+    """
     from diffusers import PNDMScheduler, StableDiffusionPipeline
 
     from sd_jax.tokenizer import load_tokenizer
 
     folder = Path(folder)
     unet, vae, text = tiny_components(seed, in_channels)
+    if learnable_on is not None:
+        unet, vae, text = learnable(unet, vae, text, learnable_on, seed)
     load_tokenizer(None).save(folder / "tokenizer")
     from transformers import CLIPTokenizer
 
