@@ -27,7 +27,6 @@ from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
-import pytest
 from PIL import Image
 
 from sd_jax import StableDiffusion, sampling
