@@ -422,7 +422,8 @@ def main() -> None:
           f"then timed once per round; medians over {args.repeats} round(s); ratio = sd_jax time / diffusers "
           f"time (< 1: sd_jax faster; for images/s rows diffusers/sd_jax images/s); '2nd process' rows: "
           f"sd_jax in a process reusing the persistent compilation cache the first probe process filled, "
-          f"diffusers in a fresh process (nothing to cache); total bench wall time {(time.time() - started) / 60:.1f} min")
+          f"diffusers in a fresh process (nothing to cache); "
+          f"total bench wall time {(time.time() - started) / 60:.1f} min")
     if probes:
         for name, p in probes.items():
             ev = p["events"]

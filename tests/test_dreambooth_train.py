@@ -67,7 +67,7 @@ def test_cli_end_to_end(tiny_folder, tmp_path):
                     "--set", "class_images.num_inference_steps=2", "--set", "logging.sample_steps=2",
                     "--set", "logging.log_every=1"])
     assert res.returncode == 0, res.stderr[-3000:]
-    assert sorted(p.name for p in (tmp_path / "class").glob("*.png")) and len(list((tmp_path / "class").glob("*.png"))) == 2
+    assert len(list((tmp_path / "class").glob("*.png"))) == 2
     assert (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir())
     assert list((out / "logs").rglob("events.out.tfevents.*"))
     assert list((out / "samples").glob("*.png"))

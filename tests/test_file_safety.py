@@ -61,7 +61,8 @@ def _tuple(values: tuple[int, ...]) -> bytes:
 def _tensor(key: str, numel: int, offset: int, size: tuple[int, ...], stride: tuple[int, ...],
             storage: str = "FloatStorage") -> bytes:
     """Pickle opcodes for a tensor exactly as torch.save writes it (rebuild_tensor_v2 + persistent id)."""
-    pid = b"(" + _str("storage") + b"ctorch\n" + storage.encode() + b"\n" + _str(key) + _str("cpu") + _int(numel) + b"tQ"
+    pid = (b"(" + _str("storage") + b"ctorch\n" + storage.encode() + b"\n" + _str(key) + _str("cpu")
+           + _int(numel) + b"tQ")
     args = pid + _int(offset) + _tuple(size) + _tuple(stride) + b"\x89" + b"ccollections\nOrderedDict\n)R"
     return b"ctorch._utils\n_rebuild_tensor_v2\n(" + args + b"tR"
 
@@ -356,7 +357,8 @@ def test_zip_that_is_not_a_checkpoint(tmp_path: Path) -> None:
 
 # --- Lightning checkpoints (strict=False) --------------------------------------------------------
 
-_LIGHTNING_MODULES = ("pytorch_lightning", "pytorch_lightning.callbacks", "pytorch_lightning.callbacks.model_checkpoint")
+_LIGHTNING_MODULES = ("pytorch_lightning", "pytorch_lightning.callbacks",
+                      "pytorch_lightning.callbacks.model_checkpoint")
 
 
 def _save_lightning_ckpt(path: Path, marker: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
@@ -420,7 +422,8 @@ def test_lightning_ckpt_refused_when_strict(tmp_path: Path, monkeypatch: pytest.
     marker = tmp_path / "pwned"
     path = tmp_path / "sd.ckpt"
     _save_lightning_ckpt(path, marker, monkeypatch)
-    with pytest.raises(UnsafeCheckpointError, match=r"pytorch_lightning\.callbacks\.model_checkpoint\.ModelCheckpoint") as err:
+    expected = r"pytorch_lightning\.callbacks\.model_checkpoint\.ModelCheckpoint"
+    with pytest.raises(UnsafeCheckpointError, match=expected) as err:
         read_state_dict(path, strict=True)
     assert "strict=False" in str(err.value)  # tells the user how to load a CompVis .ckpt
     assert not marker.exists()

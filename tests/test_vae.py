@@ -250,7 +250,8 @@ def test_config_roundtrip_and_defaults():
                  shift_factor=None, latents_mean=None, latents_std=None, use_quant_conv=True,
                  use_post_quant_conv=True, mid_block_add_attention=True, _name_or_path="x/vae")
     assert VAEConfig.from_diffusers(newer) == cfg
-    assert VAEConfig.from_diffusers(dict(V14_VAE_CONFIG, mid_block_add_attention=False)).mid_block_add_attention is False
+    cfg = VAEConfig.from_diffusers(dict(V14_VAE_CONFIG, mid_block_add_attention=False))
+    assert cfg.mid_block_add_attention is False
 
 
 @pytest.mark.parametrize("change, key", [

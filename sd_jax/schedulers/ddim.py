@@ -15,7 +15,7 @@ from . import schedule
 from ._common import f32, img2img_start, step_noise, x0_eps_from_alpha
 
 # Per-step arrays (leading axis = loop index); padded together by `schedulers.pad_schedule`.
-STEP_FIELDS = ('timesteps', 'alpha_t', 'alpha_prev')
+STEP_FIELDS = ("timesteps", "alpha_t", "alpha_prev")
 
 
 @struct.dataclass

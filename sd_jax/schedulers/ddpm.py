@@ -18,10 +18,10 @@ from flax import struct
 
 from . import schedule
 from ._common import f32, img2img_start, step_noise, x0_eps_from_alpha
+from .schedule import add_noise, get_velocity, training_target  # noqa: F401  (training helpers)
 
 # Per-step arrays (leading axis = loop index); padded together by `schedulers.pad_schedule`.
-STEP_FIELDS = ('timesteps', 'alpha_t', 'alpha_prev', 'noise_scale')
-from .schedule import add_noise, get_velocity, training_target  # noqa: F401  (training helpers)
+STEP_FIELDS = ("timesteps", "alpha_t", "alpha_prev", "noise_scale")
 
 
 def epsilon_target(noise: jax.Array) -> jax.Array:

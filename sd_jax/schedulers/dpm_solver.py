@@ -25,7 +25,7 @@ from . import schedule
 from ._common import f32, img2img_start
 
 # Per-step arrays (leading axis = loop index); padded together by `schedulers.pad_schedule`.
-STEP_FIELDS = ('timesteps', 'sigmas')
+STEP_FIELDS = ("timesteps", "sigmas")
 
 
 @struct.dataclass

@@ -15,7 +15,7 @@ from . import schedule
 from ._common import f32, img2img_start, x0_from_sigma
 
 # Per-step arrays (leading axis = loop index); padded together by `schedulers.pad_schedule`.
-STEP_FIELDS = ('timesteps', 'sigmas')
+STEP_FIELDS = ("timesteps", "sigmas")
 
 
 @struct.dataclass

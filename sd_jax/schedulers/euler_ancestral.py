@@ -14,10 +14,10 @@ from flax import struct
 
 from . import schedule
 from ._common import f32, img2img_start, step_noise, x0_from_sigma
+from .euler import add_noise_at, init_noise_sigma, scale_model_input  # noqa: F401  (same as Euler)
 
 # Per-step arrays (leading axis = loop index); padded together by `schedulers.pad_schedule`.
-STEP_FIELDS = ('timesteps', 'sigmas')
-from .euler import add_noise_at, init_noise_sigma, scale_model_input  # noqa: F401  (same as Euler)
+STEP_FIELDS = ("timesteps", "sigmas")
 
 
 @struct.dataclass

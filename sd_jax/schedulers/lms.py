@@ -20,10 +20,10 @@ from flax import struct
 from . import schedule
 from ._common import f32, img2img_start, x0_from_sigma
 
-# Per-step arrays (leading axis = loop index); padded together by `schedulers.pad_schedule`.
-STEP_FIELDS = ('timesteps', 'sigmas', 'coeffs')
-
 ORDER = 4
+
+# Per-step arrays (leading axis = loop index); padded together by `schedulers.pad_schedule`.
+STEP_FIELDS = ("timesteps", "sigmas", "coeffs")
 
 
 @struct.dataclass

@@ -23,9 +23,6 @@ from flax import struct
 from . import schedule
 from ._common import f32, img2img_start
 
-# Per-step arrays (leading axis = loop index); padded together by `schedulers.pad_schedule`.
-STEP_FIELDS = ('timesteps',)
-
 N_PRK = 12  # 4 Runge-Kutta stages x 3 steps (diffusers' pndm_order 4)
 
 # Adams-Bashforth weights over the history, oldest..newest, by the number of stored ε (eq. 12).
@@ -39,6 +36,9 @@ _PLMS_COEFFS = np.array(
     ],
     np.float32,
 )
+
+# Per-step arrays (leading axis = loop index); padded together by `schedulers.pad_schedule`.
+STEP_FIELDS = ("timesteps",)
 
 
 @struct.dataclass
