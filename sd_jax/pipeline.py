@@ -27,6 +27,7 @@ from sd_jax.convert.source import MODEL_KEYS, ModelFiles, load_model_files
 from sd_jax.models.clip import CLIPTextModel
 from sd_jax.models.unet import UNet2DConditionModel
 from sd_jax.models.vae import AutoencoderKL
+from sd_jax import shape_cache
 from sd_jax.safety import load_safety_checker
 from sd_jax.schedulers import (NoiseScheduleConfig, get_scheduler, pad_schedule, schedule_length,
                                scheduler_name_for_config)
@@ -50,9 +51,8 @@ def parse_dtype(dtype: Any, what: str = "dtype") -> Any:
 
 
 def param_shapes(module: Any, *example_inputs: Any) -> dict[str, Any]:
-    """Parameter shapes/dtypes of a module without allocating them."""
-    variables = jax.eval_shape(lambda: module.init(jax.random.key(0), *example_inputs))
-    return variables["params"]
+    """Parameter shapes/dtypes of a module without allocating them (traced once, then cached)."""
+    return shape_cache.param_shapes(module, *example_inputs)
 
 
 @dataclasses.dataclass
