@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from sd_jax.dreambooth import config as config_schema
 from sd_jax.images import open_image, save_png, to_rgb
 
 log = logging.getLogger("sd_jax")
@@ -63,38 +64,29 @@ def list_images(folder: str | Path) -> list[Path]:
 
 
 @dataclasses.dataclass(frozen=True)
-class Concept:
-    """One subject: its photos and prompt, and optionally the class prompt and folder for prior preservation."""
-
-    instance_dir: str
-    instance_prompt: str
-    class_prompt: str | None = None
-    class_dir: str | None = None
-    num_class_images: int = 100
+class Concept(config_schema.Concept):
+    """A recipe's concept (``config.Concept``: same fields) checked against the file system:
+    the instance folder exists and holds images, and a class prompt comes with a class folder."""
 
     def __post_init__(self) -> None:
         for name in ("instance_dir", "class_dir"):
             value = getattr(self, name)
             if isinstance(value, Path):
                 object.__setattr__(self, name, str(value))  # plain strings: the config is saved as JSON
+        super().__post_init__()  # the schema's checks: types, non-empty prompts, counts
         folder = Path(self.instance_dir)
         if not folder.is_dir():
             raise ValueError(f"instance_dir {self.instance_dir!r} is not an existing folder")
         if not list_images(folder):
             raise ValueError(f"instance_dir {self.instance_dir!r} holds no images (looked for files ending in "
                              f"{', '.join(IMAGE_EXTENSIONS)})")
-        if not isinstance(self.instance_prompt, str) or not self.instance_prompt.strip():
-            raise ValueError(f"instance_prompt must be a non-empty string, got {self.instance_prompt!r}")
-        if self.class_prompt is not None and (not isinstance(self.class_prompt, str) or not self.class_prompt.strip()):
-            raise ValueError(f"class_prompt must be a non-empty string or None, got {self.class_prompt!r}")
         if self.class_prompt is not None and self.class_dir is None:
             raise ValueError(f"class_prompt {self.class_prompt!r} needs a class_dir (where class images are kept)")
         if self.class_dir is not None and self.class_prompt is None:
             raise ValueError(f"class_dir {self.class_dir!r} needs a class_prompt (the prompt of its images)")
         if self.class_dir is not None and Path(self.class_dir).exists() and not Path(self.class_dir).is_dir():
             raise ValueError(f"class_dir {self.class_dir!r} exists and is not a folder")
-        if isinstance(self.num_class_images, bool) or not isinstance(self.num_class_images, int) \
-                or self.num_class_images < 1:
+        if self.num_class_images < 1:
             raise ValueError(f"num_class_images must be an integer >= 1, got {self.num_class_images!r}")
 
     @property
