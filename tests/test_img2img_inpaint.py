@@ -50,8 +50,12 @@ def _patch_draws(monkeypatch, module_name, seeds, latents_nhwc):
     monkeypatch.setattr(module, "randn_tensor", lambda *a, **k: nchw(latents_nhwc))
 
 
-@pytest.mark.parametrize("scheduler,strength", [("pndm", 0.6), ("ddim", 0.75), ("euler", 0.5),
-                                                ("dpm++2m", 0.8), ("lms", 1.0)])
+# Two solvers per pipeline in the default run; the others (same code path, other solver) are slow.
+SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize("scheduler,strength", [("pndm", 0.6), ("ddim", 0.75), pytest.param("euler", 0.5, marks=SLOW),
+                                                ("dpm++2m", 0.8), pytest.param("lms", 1.0, marks=SLOW)])
 def test_img2img_matches_diffusers(tiny_pipe, tiny_reference, scheduler, strength, monkeypatch):
     from diffusers import StableDiffusionImg2ImgPipeline
 
@@ -71,7 +75,8 @@ def test_img2img_matches_diffusers(tiny_pipe, tiny_reference, scheduler, strengt
     assert err <= TOL, f"{scheduler} strength {strength}: {err:.4g}"
 
 
-@pytest.mark.parametrize("scheduler,strength", [("pndm", 1.0), ("ddim", 0.7), ("euler_a", 1.0), ("lms", 0.6)])
+@pytest.mark.parametrize("scheduler,strength", [("pndm", 1.0), ("ddim", 0.7), pytest.param("euler_a", 1.0, marks=SLOW),
+                                                ("lms", 0.6)])
 def test_blend_inpaint_matches_diffusers(tiny_pipe, tiny_reference, scheduler, strength, monkeypatch):
     """4-channel model: latent blending, as diffusers' inpaint pipeline does for such UNets."""
     from diffusers import StableDiffusionInpaintPipeline
