@@ -91,7 +91,7 @@ def worker_sd_jax(job: dict, t_spawn: float) -> dict:
 
     import sd_jax  # noqa: F401  (XLA:CPU defaults and the persistent cache, before JAX's backend starts)
     from sd_jax import StableDiffusion, sampling
-    from sd_jax.schedulers import get_scheduler, num_model_calls
+    from sd_jax.schedulers import get_scheduler, num_model_calls, pad_schedule, schedule_length
 
     size, events, out = job["size"], {}, {}
     jax.devices()
@@ -113,6 +113,8 @@ def worker_sd_jax(job: dict, t_spawn: float) -> dict:
         shape = (size // 8, size // 8, 4)
         state = sched.create(pipe.noise_schedule(), steps, (batch, *shape))
         state = state.replace(start_index=jnp.asarray(num_model_calls(state) - 1, jnp.int32))
+        # Padded as generate() pads it, so the probe and generate() share one executable.
+        state = pad_schedule(sched, state, schedule_length(pipe.noise_schedule()))
         cond = pipe.encode_prompt([PROMPT] * batch)
         uncond = pipe.encode_prompt([""] * batch)
         keys = sampling.seed_keys(sampling.image_seeds(seed, batch))
