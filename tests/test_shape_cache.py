@@ -75,3 +75,13 @@ def test_loaded_weights_are_aligned_and_adopted_without_copy():
     assert params["conv"]["bias"].dtype == jnp.bfloat16
     if jax.default_backend() == "cpu":  # the point of the alignment: no second copy
         assert jax.device_put(kernel).unsafe_buffer_pointer() == kernel.ctypes.data
+
+
+@pytest.mark.parametrize("shape,perm", [((37, 5, 3, 3), (2, 3, 1, 0)), ((50, 17), (1, 0)), ((7,), (0,))])
+def test_blocked_relayout_copy_equals_the_transpose(shape, perm):
+    src = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    view = src.transpose(perm)
+    for dtype in (np.float32, jnp.bfloat16):
+        out = core.aligned_empty(view.shape, dtype)
+        core._copy_relayout(out, view)
+        np.testing.assert_array_equal(out, view.astype(dtype))
