@@ -45,7 +45,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from common import V14_UNET_CONFIG, table
+from common import V14_UNET_CONFIG, available_gib, table
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL_UNET_CONFIG = {**V14_UNET_CONFIG, "block_out_channels": [64, 128, 128, 128], "layers_per_block": 1}
@@ -71,14 +71,6 @@ def reset_peak() -> None:
             f.write("5")
     except OSError:
         pass
-
-
-def available_gib() -> float:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) / 2**20
-    return float("inf")
 
 
 # ----------------------------------------------------------------------------- inputs
