@@ -22,7 +22,8 @@ import optax
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from sd_jax.dreambooth.checkpoint import TRASH, Checkpointer, data_to_keys, keys_to_data
+from sd_jax.dreambooth.checkpoint import (CHECKSUMS, SET_ASIDE, TRASH, CheckpointDamaged, Checkpointer, data_to_keys,
+                                          keys_to_data, set_aside)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -290,3 +291,62 @@ def test_sigkill_during_saves_never_exposes_a_partial_checkpoint(tmp_path):
         ckpt.close()
         latest = steps[-1] if steps else 0
     assert saves > 0 and killed_mid_write >= 1, (saves, killed_mid_write)
+
+
+# ------------------------------------------------------------------------ checksums
+
+def _data_file(step_dir: Path) -> Path:
+    """The largest array data file of checkpoint item ``w``."""
+    return max((p for p in (step_dir / "w").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_damaged_checkpoint_is_named_with_the_previous_good_step(tmp_path, damage):
+    """A flipped bit restored silently into other weights and a truncated file gave a 151-line Orbax traceback;
+    both are now one CheckpointDamaged line naming the step and offering the previous good one."""
+    single = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = {"w": jax.ShapeDtypeStruct((4096,), jnp.float32, sharding=single)}
+    with Checkpointer(tmp_path, keep=3) as ckpt:
+        for step in (1, 2, 3):
+            ckpt.save(step, {"w": jnp.arange(4096.0) + step})
+    assert (tmp_path / "3" / CHECKSUMS).is_file()
+    path = _data_file(tmp_path / "3")
+    data = bytearray(path.read_bytes())
+    if damage == "flip":
+        data[len(data) // 2] ^= 0x10
+    else:
+        del data[len(data) // 2:]
+    path.write_bytes(bytes(data))
+    ckpt = Checkpointer(tmp_path, keep=3)
+    with pytest.raises(CheckpointDamaged) as info:
+        ckpt.restore(None, target)
+    message = str(info.value)
+    assert info.value.step == 3 and "\n" not in message and len(message) < 400
+    assert "step 3" in message and path.name in message and "--resume-step 2" in message
+    assert ckpt.verify(2) is True
+    restored, _ = ckpt.restore(2, target)
+    np.testing.assert_array_equal(np.asarray(restored["w"]), np.arange(4096.0) + 2)
+    ckpt.close()
+    set_aside(tmp_path, [3])
+    reopened = Checkpointer(tmp_path, keep=3)
+    assert reopened.all_steps() == [1, 2]
+    assert reopened.save(3, {"w": jnp.zeros(4096)})          # the step can be written again
+    reopened.close()
+    assert len(list((tmp_path / SET_ASIDE).iterdir())) == 1  # the damaged step is kept, not deleted
+
+
+def test_unreadable_checkpoint_without_checksums_is_one_line(tmp_path):
+    """A checkpoint with no checksums (older sd_jax) restores unverified; Orbax's read error is one line."""
+    single = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = {"w": jax.ShapeDtypeStruct((4096,), jnp.float32, sharding=single)}
+    with Checkpointer(tmp_path, keep=3) as ckpt:
+        ckpt.save(1, {"w": jnp.arange(4096.0)})
+    (tmp_path / "1" / CHECKSUMS).unlink()
+    ckpt = Checkpointer(tmp_path, keep=3)
+    assert ckpt.verify(1) is False
+    path = _data_file(tmp_path / "1")
+    path.write_bytes(path.read_bytes()[:20])
+    with pytest.raises(CheckpointDamaged, match=r"^checkpoint step 1 .* damaged: Orbax cannot read it") as info:
+        ckpt.restore(1, target)
+    assert "\n" not in str(info.value) and len(str(info.value)) < 500
+    ckpt.close()

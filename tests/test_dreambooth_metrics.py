@@ -16,7 +16,7 @@ from PIL import Image
 from tensorboardX.proto import event_pb2
 from tensorboardX.record_writer import masked_crc32c
 
-from sd_jax.dreambooth.metrics import MetricsLogger, Progress, RunSummary, to_uint8_rgb
+from sd_jax.dreambooth.metrics import MetricsLogger, Progress, RunSummary, to_uint8_rgb, truncate_jsonl
 
 
 def read_events(logdir: Path) -> list[event_pb2.Event]:
@@ -86,6 +86,24 @@ def test_resumed_logger_keeps_earlier_events_and_purges(tmp_path):
     starts = [e.step for e in events if e.HasField("session_log")
               and e.session_log.status == event_pb2.SessionLog.START]
     assert starts == [3]
+
+
+def test_resumed_logger_rewrites_metrics_jsonl_without_duplicate_steps(tmp_path):
+    """After kill-and-resume from step 3, metrics.jsonl held steps 3..5 twice; now each step once, in order,
+    and a line torn by the kill is dropped."""
+    with MetricsLogger(tmp_path) as first:
+        for step in range(1, 6):
+            first.scalars(step, {"train/loss": float(step)})
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 6, "train/lo')                     # SIGKILL mid-write
+    with MetricsLogger(tmp_path, purge_step=3) as resumed:
+        for step in range(3, 7):
+            resumed.scalars(step, {"train/loss": 10.0 + step})
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert [r["train/loss"] for r in rows] == [1.0, 2.0, 13.0, 14.0, 15.0, 16.0]
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+    assert truncate_jsonl(tmp_path / "metrics.jsonl", 100) == 0 and truncate_jsonl(tmp_path / "none", 1) == 0
 
 
 def test_disabled_logger_writes_nothing(tmp_path):

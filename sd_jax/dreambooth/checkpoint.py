@@ -38,16 +38,30 @@ state may then be donated to the next train step. Writing to disk continues in t
 background; the next ``save``, ``restore``, ``wait`` or ``close`` waits for it.
 Only one job may write a directory at a time (Orbax is multi-process, not multi-job,
 safe); in multi-host runs every process calls every method.
+
+**Checksums.** Once a save has completed (committed by Orbax), a background thread
+writes ``N/sd_jax_checksums.json``: the size and SHA-256 of every file of the step.
+``restore`` (and :meth:`Checkpointer.verify`) check them first, so a flipped bit or a
+truncated file is a :class:`CheckpointDamaged` error naming the step and the file, never
+silently different weights; Orbax's own read errors become one line too. A checkpoint
+without the file (killed between the commit and the checksums, or written by an older
+sd_jax) is restored unverified, with a warning.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import hashlib
 import json
 import logging
 import operator
+import os
 import re
+import time
+import uuid
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -60,6 +74,8 @@ log = logging.getLogger("sd_jax")
 META = "meta"             # the JSON item
 SINGLE = "state"          # item name of a state that is neither a Mapping nor a dataclass
 TRASH = ".trash"          # old checkpoints are renamed here, then removed
+SET_ASIDE = ".set_aside"  # steps a resume from an earlier step moves away (kept, never deleted)
+CHECKSUMS = "sd_jax_checksums.json"
 _LEAF = "value"           # a part that is a single array is saved as {"value": array}
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 _RESERVED = {META, "metrics", "descriptor", "_CHECKPOINT_METADATA"}
@@ -178,6 +194,12 @@ def _step_int(step: Any) -> int:
     return value
 
 
+def _short(err: BaseException, limit: int = 200) -> str:
+    """The first line of an error message, cut to ``limit`` characters."""
+    text = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def _check_json(meta: Any) -> dict:
     if not isinstance(meta, Mapping):
         raise ValueError(f"checkpoint meta must be a dict of JSON values, got {type(meta).__name__}")
@@ -187,6 +209,79 @@ def _check_json(meta: Any) -> dict:
         raise ValueError(f"checkpoint meta is not JSON-serialisable ({e}); convert numpy/jax scalars, "
                          "paths and tuples to plain Python values") from e
     return dict(meta)
+
+
+# ------------------------------------------------------------------------------- checksums
+
+class CheckpointDamaged(ValueError):
+    """A checkpoint's files differ from the checksums recorded when it was saved, or Orbax cannot read it."""
+
+    def __init__(self, step: int, message: str):
+        super().__init__(message)
+        self.step = step
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)  # hashlib releases the GIL on large chunks: training goes on meanwhile
+    return digest.hexdigest()
+
+
+def _step_files(step_dir: Path) -> list[Path]:
+    return sorted(p for p in step_dir.rglob("*") if p.is_file() and p.name != CHECKSUMS)
+
+
+def write_checksums(step_dir: str | os.PathLike) -> Path:
+    """Record the size and SHA-256 of every file of a complete checkpoint in ``step_dir/CHECKSUMS``."""
+    step_dir = Path(step_dir)
+    files = {p.relative_to(step_dir).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
+             for p in _step_files(step_dir)}
+    out = step_dir / CHECKSUMS
+    tmp = step_dir / f".{CHECKSUMS}.{uuid.uuid4().hex}.tmp"
+    try:
+        tmp.write_text(json.dumps({"algorithm": "sha256", "files": files}, indent=1))
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
+def verify_checksums(step_dir: str | os.PathLike) -> str | None:
+    """None when every recorded file is there with its size and hash; otherwise what is wrong (one phrase).
+
+    Raises FileNotFoundError when no checksums were recorded for the step.
+    """
+    step_dir = Path(step_dir)
+    try:
+        recorded = json.loads((step_dir / CHECKSUMS).read_text())["files"]
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"its checksum file is unreadable ({type(e).__name__})"
+    for rel, want in sorted(recorded.items()):
+        path = step_dir / rel
+        if not path.is_file():
+            return f"{rel} is missing"
+        size = path.stat().st_size
+        if size != want["size"]:
+            return f"{rel} has {size} bytes, {want['size']} were saved (truncated or overwritten)"
+        if _sha256(path) != want["sha256"]:
+            return f"{rel} differs from what was saved (checksum mismatch)"
+    return None
+
+
+def set_aside(directory: str | os.PathLike, steps: list[int]) -> list[Path]:
+    """Move checkpoint ``steps`` out of the step listing into ``directory/.set_aside/`` (nothing is deleted)."""
+    directory = Path(directory)
+    moved = []
+    for step in steps:
+        target = directory / SET_ASIDE / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(directory / str(step), target)
+        moved.append(target)
+    return moved
 
 
 # ---------------------------------------------------------------------------- Checkpointer
@@ -209,6 +304,11 @@ class Checkpointer:
             enable_async_checkpointing=async_save,
         )
         self._mngr = ocp.CheckpointManager(self.directory, options=options)
+        # Checksums are written once a save has committed, on a thread (local directories only).
+        self._local = "://" not in str(directory)
+        self._unsealed: list[int] = []
+        self._sealing: list[concurrent.futures.Future] = []
+        self._sealer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sd_jax-checksums")
         # Finish removing stale tmp directories now, not lazily at the first save.
         getattr(self._mngr, "_maybe_await_cleanup_tmp_directory", lambda: None)()
         self._empty_trash()
@@ -243,16 +343,56 @@ class Checkpointer:
             if not _is_empty(part):
                 args[name] = ocp.args.StandardSave(_wrap(part))
         args[META] = ocp.args.JsonSave(meta)
+        self._mngr.wait_until_finished()  # Orbax waits for the previous save anyway; then it gets its checksums
+        self._seal()
         saved = self._mngr.save(step, args=ocp.args.Composite(**args))
         if not saved:
             log.warning("checkpoint step %d not saved: the latest checkpoint is step %s", step, self.latest_step())
+        else:
+            self._unsealed.append(step)
         self._empty_trash()
         return bool(saved)
 
     def wait(self) -> None:
-        """Block until a background save has finished (raises its error, if any)."""
+        """Block until a background save and its checksums are written (raises the save's error, if any)."""
         self._mngr.wait_until_finished()
+        self._seal()
+        for future in self._sealing:
+            future.result()
+        self._sealing.clear()
         self._empty_trash()
+
+    def verify(self, step: int) -> bool:
+        """Check checkpoint ``step`` against its recorded checksums: True when verified, False when it has
+        none (a warning), CheckpointDamaged naming the step, the file and the good steps before it otherwise."""
+        self.wait()
+        step = self._resolve(step)
+        if not self._local:
+            return False
+        try:
+            problem = verify_checksums(Path(str(self.directory / str(step))))
+        except FileNotFoundError:
+            log.warning("checkpoint step %d has no checksums (saved by an older sd_jax, or killed just after "
+                        "the save): restoring it unverified", step)
+            return False
+        if problem is not None:
+            raise CheckpointDamaged(step, self._damaged(step, problem))
+        return True
+
+    def _intact(self, step: int) -> bool:
+        """True unless checkpoint ``step``'s files contradict its recorded checksums."""
+        try:
+            return not self._local or verify_checksums(Path(str(self.directory / str(step)))) is None
+        except FileNotFoundError:
+            return True  # no checksums recorded: may be good
+
+    def _damaged(self, step: int, problem: str) -> str:
+        """One line: which step is broken, why, and what to do."""
+        good = next((s for s in reversed(self.all_steps()) if s < step and self._intact(s)), None)
+        advice = (f"resume from the previous good checkpoint with --resume-step {good} (later steps are moved "
+                  f"to {SET_ASIDE}/, not deleted)" if good is not None
+                  else "no good earlier checkpoint is left; start a new run")
+        return f"checkpoint step {step} in {self.directory} is damaged: {problem}; {advice}"
 
     # -- restore
     def restore(self, step: int | None, abstract_state: Any) -> tuple[Any, dict]:
@@ -266,6 +406,7 @@ class Checkpointer:
         """
         self.wait()
         step = self._resolve(step)
+        self.verify(step)
         stored = self.items(step)
         parts, args = {}, {}
         for name, target in split_items(abstract_state).items():
@@ -281,7 +422,10 @@ class Checkpointer:
             restored = self._mngr.restore(step, args=ocp.args.Composite(**args))
         except (ValueError, KeyError, TypeError) as e:
             raise ValueError(f"cannot restore checkpoint step {step} of {self.directory} into the given "
-                             f"state (does it match the saved structure and shapes?): {e}") from e
+                             f"state (does it match the saved structure and shapes?): {_short(e)}") from e
+        except Exception as e:  # noqa: BLE001 - TensorStore/Orbax read errors: one line, not 150
+            raise CheckpointDamaged(step, self._damaged(step, f"Orbax cannot read it ({type(e).__name__}: "
+                                                              f"{_short(e)})")) from e
         out = {}
         for name, target in parts.items():
             out[name] = data_to_keys(_unwrap(restored[name], target), target)
@@ -303,6 +447,7 @@ class Checkpointer:
             self.wait()
         finally:
             self._mngr.close()
+            self._sealer.shutdown(wait=True)
 
     def __enter__(self) -> Checkpointer:
         return self
@@ -321,6 +466,19 @@ class Checkpointer:
         if step not in steps:
             raise FileNotFoundError(f"no checkpoint of step {step} in {self.directory}; steps: {steps}")
         return step
+
+    def _seal(self) -> None:
+        """Start writing the checksums of the saves that have completed (call after Orbax's wait)."""
+        steps, self._unsealed = self._unsealed, []
+        if self._primary and self._local:
+            for step in steps:
+                self._sealing.append(self._sealer.submit(self._write_checksums, step))
+
+    def _write_checksums(self, step: int) -> None:
+        try:
+            write_checksums(Path(str(self.directory / str(step))))
+        except FileNotFoundError:  # dropped by keep-N meanwhile
+            log.debug("checkpoint step %d vanished before its checksums were written", step)
 
     def _empty_trash(self) -> None:
         """Remove checkpoints Orbax has renamed into .trash/ (primary process only)."""

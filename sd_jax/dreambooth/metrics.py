@@ -72,12 +72,45 @@ def to_uint8_rgb(image: Any, name: str = "image") -> np.ndarray:
     return np.ascontiguousarray(arr[..., :3])
 
 
+def truncate_jsonl(path: str | os.PathLike, step: int) -> int:
+    """Keep the rows of ``path`` (a metrics.jsonl) whose step is below ``step``; drop the rest and any torn
+    line. Written to a temporary file and renamed over ``path``. Returns the number of rows dropped."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        return 0
+    kept = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+            if int(row["step"]) < step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):  # torn by a kill mid-write, or not ours: dropped
+            continue
+    if len(kept) == len(lines):
+        return 0
+    tmp = f"{os.fspath(path)}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(line + "\n" for line in kept)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return len(lines) - len(kept)
+
+
 class MetricsLogger:
     """TensorBoard scalars, images and text for one run; a no-op unless enabled on process 0.
 
     ``flush_every``: flush the event file (and ``metrics.jsonl``) every N ``scalars`` calls;
     images and text are flushed at once. ``purge_step``: when resuming from step S, pass S
-    so TensorBoard drops events at steps >= S written by the interrupted run.
+    so TensorBoard drops events at steps >= S written by the interrupted run, and
+    ``metrics.jsonl`` is rewritten (atomically) without its rows of steps >= S (and without a
+    line torn by a kill), so each step appears once.
     """
 
     def __init__(self, logdir: str | os.PathLike, *, enabled: bool = True, flush_every: int = 10,
@@ -101,7 +134,10 @@ class MetricsLogger:
         self._writer = SummaryWriter(self.logdir, purge_step=purge_step, max_queue=100, flush_secs=60,
                                      filename_suffix=suffix)
         if jsonl:
-            self._jsonl = open(os.path.join(self.logdir, "metrics.jsonl"), "a", encoding="utf-8")
+            path = os.path.join(self.logdir, "metrics.jsonl")
+            if purge_step is not None:
+                truncate_jsonl(path, int(purge_step))
+            self._jsonl = open(path, "a", encoding="utf-8")
 
     def scalars(self, step: int, values: Mapping[str, Any]) -> None:
         """One point per tag (e.g. ``train/loss``); values may be Python, NumPy or JAX scalars."""
