@@ -26,7 +26,7 @@ from sd_jax.dreambooth import loss as L
 from sd_jax.dreambooth.config import (
     ConfigError,
     TrainConfig,
-    apply_set_overrides,
+    apply_overrides,
     load_config,
 )
 from sd_jax.dreambooth.optim import (
@@ -95,20 +95,20 @@ def test_load_config_yaml_and_overrides(tmp_path):
     assert cfg.model.path == "base/model" and cfg.seed == 0
     # YAML 1.1 reads "1e-6" as a string; float fields take it anyway.
     assert load_config(recipe).optim.learning_rate == 1e-6
-    sets = apply_set_overrides({}, ["optim.learning_rate=3e-6", "train.remat=true", "mesh.fsdp=2",
-                                   "logging.validation_prompts=[a dog, a cat]", "concepts=[]"])
+    sets = apply_overrides({}, ["optim.learning_rate=3e-6", "train.remat=true", "mesh.fsdp=2",
+                               "logging.validation_prompts=[a dog, a cat]", "concepts=[]"])
     assert sets == {"optim": {"learning_rate": 3e-6}, "train": {"remat": True}, "mesh": {"fsdp": 2},
                     "logging": {"validation_prompts": ["a dog", "a cat"]}, "concepts": []}
-    renamed = apply_set_overrides({"concepts": [dict(CONCEPT)]}, ["concepts.0.instance_prompt=a sks cat"])
+    renamed = apply_overrides({"concepts": [dict(CONCEPT)]}, ["concepts.0.instance_prompt=a sks cat"])
     assert renamed["concepts"][0]["instance_prompt"] == "a sks cat"
     with pytest.raises(ConfigError, match="no model|model.path"):
         load_config(None, {"concepts": [CONCEPT]})
     with pytest.raises(ConfigError, match="at least one concept"):
         load_config(None, {"model": "m"})
     with pytest.raises(ConfigError, match="expected key=value"):
-        apply_set_overrides({}, ["optim.learning_rate"])
+        apply_overrides({}, ["optim.learning_rate"])
     with pytest.raises(ConfigError, match=r"'concepts.3' is not an index"):
-        apply_set_overrides({"concepts": []}, ["concepts.3.instance_prompt=x"])
+        apply_overrides({"concepts": []}, ["concepts.3.instance_prompt=x"])
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "missing.yaml")
     (tmp_path / "list.yaml").write_text("- 1\n")

@@ -75,7 +75,7 @@ def build_parser() -> common.ArgumentParser:
 
 def config_from_args(args: Any) -> Any:
     """Recipe + flags + --set -> a validated TrainConfig (raises ValueError naming the bad value)."""
-    from sd_jax.dreambooth.config import TrainConfig, apply_set_overrides, load_config, set_path
+    from sd_jax.dreambooth.config import TrainConfig, apply_overrides, load_config
 
     base = load_config(args.config, require_runnable=False).to_dict()  # the recipe, validated
     concept = {name: getattr(args, name) for name in CONCEPT_FLAGS if getattr(args, name) is not None}
@@ -84,10 +84,8 @@ def config_from_args(args: Any) -> Any:
             raise ValueError("--instance-dir/--instance-prompt/... set one concept, but the recipe lists "
                              f"{len(base['concepts'])}; edit the recipe or use --set concepts.N.key=value")
         base["concepts"] = [dict((base.get("concepts") or [{}])[0]) | concept]
-    for dest, key in FLAG_KEYS.items():
-        if getattr(args, dest) is not None:
-            set_path(base, key, getattr(args, dest), f"--{dest.replace('_', '-')}")
-    base = apply_set_overrides(base, args.set)
+    flags = {key: getattr(args, dest) for dest, key in FLAG_KEYS.items() if getattr(args, dest) is not None}
+    base = apply_overrides(apply_overrides(base, flags, what="flag"), args.set, what="--set")
     config = TrainConfig.from_dict(base)
     config.check_runnable()
     return config

@@ -1,13 +1,17 @@
 """The Dreambooth run configuration: frozen dataclasses read from YAML recipes plus overrides.
 
-    cfg = load_config("configs/dreambooth/unet_only.yaml", {"model": "path/to/sd",
+    cfg = load_config("sd_jax/configs/dreambooth/unet.yaml", {"model": "path/to/sd",
                       "output_dir": "out", "concepts": [{"instance_dir": "dog", ...}]})
-    cfg = load_config(None, apply_set_overrides({}, ["optim.learning_rate=1e-6", "train.remat=true"]))
+    cfg = load_config(None, {"optim.learning_rate": 1e-6, "train": {"remat": True}})
+    recipe = apply_overrides(recipe, ["optim.learning_rate=1e-6", "train.remat=true"], what="--set")
 
 Sections (YAML keys): ``model``, ``output_dir``, ``seed``, ``concepts`` (list),
 ``data``, ``class_images``, ``train``, ``optim``, ``mesh``, ``checkpoint``,
 ``logging``. Every value is checked in ``__post_init__``; an error names the
 field (``optim.lr_schedule='cosin'``) and what is valid. Unknown keys are errors.
+Recipes and ``--set`` values are read within :mod:`sd_jax.limits` (size, nesting,
+alias expansion; counts and sizes have upper bounds there too); :func:`apply_overrides`
+is the one way a recipe value is overridden.
 
 Steps: ``train.max_train_steps`` counts optimizer updates. Each update consumes
 ``optim.grad_accum_steps`` micro-batches of ``train.train_batch_size`` instance
@@ -21,12 +25,12 @@ import dataclasses
 import difflib
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
-import yaml
-
+from sd_jax import limits
+from sd_jax.limits import short
 from sd_jax.models.attention import IMPLEMENTATIONS as ATTENTION
 
 LR_SCHEDULES = ("constant", "warmup", "cosine", "linear")
@@ -38,15 +42,14 @@ class ConfigError(ValueError):
 
 
 def _fail(name: str, value: Any, valid: str) -> None:
-    raise ConfigError(f"{name}={value!r} is not valid: {valid}")
+    raise ConfigError(f"{name}={short(value)} is not valid: {valid}")
 
 
-def _check_int(name: str, value: Any, low: int | None = None, allow_none: bool = False) -> None:
+def _check_int(name: str, value: Any, low: int, high: int, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
-    if isinstance(value, bool) or not isinstance(value, int) or (low is not None and value < low):
-        _fail(name, value, f"expected an integer >= {low}" + (" or null" if allow_none else "")
-              if low is not None else "expected an integer")
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        _fail(name, value, f"expected an integer in [{low}, {high}]" + (" or null" if allow_none else ""))
 
 
 def _check_float(name: str, value: Any, low: float | None = None, high: float | None = None,
@@ -113,7 +116,7 @@ class Concept:
         _check_str("concepts[].instance_prompt", self.instance_prompt)
         _check_str("concepts[].class_prompt", self.class_prompt, allow_none=True)
         _check_str("concepts[].class_dir", self.class_dir, allow_none=True)
-        _check_int("concepts[].num_class_images", self.num_class_images, 0)
+        _check_int("concepts[].num_class_images", self.num_class_images, 0, limits.MAX_CLASS_IMAGES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,7 +131,7 @@ class DataConfig:
     cache_text_embeddings: bool = True  # only used while the text encoder is frozen
 
     def __post_init__(self):
-        _check_int("data.resolution", self.resolution, 8)
+        _check_int("data.resolution", self.resolution, 8, limits.MAX_RESOLUTION)
         if self.resolution % 8:
             _fail("data.resolution", self.resolution, "expected a multiple of 8 (the VAE downsamples by 8)")
         for name in ("center_crop", "random_flip", "skip_bad_images", "cache_latents", "cache_text_embeddings"):
@@ -147,12 +150,12 @@ class ClassImageConfig:
     seed: int | None = None            # None: the run's seed
 
     def __post_init__(self):
-        _check_int("class_images.num_inference_steps", self.num_inference_steps, 1)
+        _check_int("class_images.num_inference_steps", self.num_inference_steps, 1, limits.MAX_SAMPLING_STEPS)
         _check_float("class_images.guidance_scale", self.guidance_scale, 0.0)
         _check_str("class_images.scheduler", self.scheduler, allow_none=True)
-        _check_int("class_images.batch_size", self.batch_size, 1)
+        _check_int("class_images.batch_size", self.batch_size, 1, limits.MAX_BATCH)
         _check_str("class_images.negative_prompt", self.negative_prompt, allow_empty=True)
-        _check_int("class_images.seed", self.seed, 0, allow_none=True)
+        _check_int("class_images.seed", self.seed, 0, limits.MAX_SEED, allow_none=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,10 +174,10 @@ class TrainingConfig:
     skip_nonfinite_updates: bool = True  # a NaN/inf loss or gradient leaves the weights unchanged
 
     def __post_init__(self):
-        _check_int("train.max_train_steps", self.max_train_steps, 1)
-        _check_int("train.train_batch_size", self.train_batch_size, 1)
+        _check_int("train.max_train_steps", self.max_train_steps, 1, limits.MAX_TRAIN_STEPS)
+        _check_int("train.train_batch_size", self.train_batch_size, 1, limits.MAX_BATCH)
         _check_bool("train.train_text_encoder", self.train_text_encoder)
-        _check_int("train.text_encoder_steps", self.text_encoder_steps, 1, allow_none=True)
+        _check_int("train.text_encoder_steps", self.text_encoder_steps, 1, limits.MAX_TRAIN_STEPS, allow_none=True)
         if self.text_encoder_steps is not None and not self.train_text_encoder:
             _fail("train.text_encoder_steps", self.text_encoder_steps,
                   "only meaningful with train.train_text_encoder=true (or set it to null)")
@@ -206,7 +209,7 @@ class OptimConfig:
         _check_float("optim.learning_rate", self.learning_rate, 0.0, low_open=True)
         _check_float("optim.text_encoder_lr", self.text_encoder_lr, 0.0, low_open=True, allow_none=True)
         _check_choice("optim.lr_schedule", self.lr_schedule, LR_SCHEDULES)
-        _check_int("optim.warmup_steps", self.warmup_steps, 0)
+        _check_int("optim.warmup_steps", self.warmup_steps, 0, limits.MAX_TRAIN_STEPS)
         if self.lr_schedule == "constant" and self.warmup_steps:
             _fail("optim.warmup_steps", self.warmup_steps,
                   "lr_schedule='constant' has no warm-up; use lr_schedule='warmup' (or warmup_steps=0)")
@@ -215,7 +218,7 @@ class OptimConfig:
         _check_float("optim.adam_epsilon", self.adam_epsilon, 0.0, low_open=True)
         _check_float("optim.weight_decay", self.weight_decay, 0.0)
         _check_float("optim.max_grad_norm", self.max_grad_norm, 0.0, low_open=True, allow_none=True)
-        _check_int("optim.grad_accum_steps", self.grad_accum_steps, 1)
+        _check_int("optim.grad_accum_steps", self.grad_accum_steps, 1, limits.MAX_BATCH)
         _check_float("optim.ema_decay", self.ema_decay, 0.0, 1.0, low_open=True, high_open=True,
                       allow_none=True)
 
@@ -235,7 +238,7 @@ class MeshConfig:
                 _fail(f"mesh.{name}", value, "expected a positive integer or -1 (all remaining devices)")
         if self.data == -1 and self.fsdp == -1:
             _fail("mesh.fsdp", self.fsdp, "at most one of mesh.data and mesh.fsdp may be -1")
-        _check_int("mesh.fsdp_min_size", self.fsdp_min_size, 1)
+        _check_int("mesh.fsdp_min_size", self.fsdp_min_size, 1, 2**62)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -247,8 +250,8 @@ class CheckpointConfig:
     save_single_file: bool = False    # also write a CompVis-layout .safetensors
 
     def __post_init__(self):
-        _check_int("checkpoint.every", self.every, 1)
-        _check_int("checkpoint.keep", self.keep, 1)
+        _check_int("checkpoint.every", self.every, 1, limits.MAX_TRAIN_STEPS)
+        _check_int("checkpoint.keep", self.keep, 1, limits.MAX_CHECKPOINTS_KEPT)
         _check_bool("checkpoint.save_single_file", self.save_single_file)
 
 
@@ -265,12 +268,12 @@ class LoggingConfig:
     def __post_init__(self):
         if isinstance(self.validation_prompts, list):
             object.__setattr__(self, "validation_prompts", tuple(self.validation_prompts))
-        _check_int("logging.log_every", self.log_every, 1)
-        _check_int("logging.sample_every", self.sample_every, 0)
+        _check_int("logging.log_every", self.log_every, 1, limits.MAX_TRAIN_STEPS)
+        _check_int("logging.sample_every", self.sample_every, 0, limits.MAX_TRAIN_STEPS)
         if not isinstance(self.validation_prompts, tuple) or not all(
                 isinstance(p, str) for p in self.validation_prompts):
             _fail("logging.validation_prompts", self.validation_prompts, "expected a list of strings")
-        _check_int("logging.sample_steps", self.sample_steps, 1)
+        _check_int("logging.sample_steps", self.sample_steps, 1, limits.MAX_SAMPLING_STEPS)
         _check_float("logging.sample_guidance_scale", self.sample_guidance_scale, 0.0)
 
 
@@ -303,9 +306,7 @@ class TrainConfig:
         if not isinstance(self.concepts, tuple) or not all(isinstance(c, Concept) for c in self.concepts):
             _fail("concepts", self.concepts, "expected a list of Concept")
         _check_str("output_dir", self.output_dir)
-        _check_int("seed", self.seed, 0)
-        if self.seed >= 2**32:
-            _fail("seed", self.seed, "expected an integer in [0, 2**32)")
+        _check_int("seed", self.seed, 0, limits.MAX_SEED)
         _check_str("description", self.description, allow_empty=True)
         with_class = [c.class_prompt is not None for c in self.concepts]
         if any(with_class) and not all(with_class):
@@ -378,9 +379,9 @@ def _plain(x: Any) -> Any:
 
 def _unknown_key(prefix: str, key: str, valid: Sequence[str]) -> ConfigError:
     name = f"{prefix}{key}"
-    close = difflib.get_close_matches(key, valid, n=1)
+    close = difflib.get_close_matches(key, valid, n=1) if len(key) <= limits.ECHO_CHARS else []
     hint = f"; did you mean {prefix + close[0]!r}?" if close else ""
-    return ConfigError(f"unknown config key {name!r}{hint} (valid keys here: {', '.join(sorted(valid))})")
+    return ConfigError(f"unknown config key {short(name)}{hint} (valid keys here: {', '.join(sorted(valid))})")
 
 
 def _coerce(value: Any, hint: Any, name: str) -> Any:
@@ -391,7 +392,7 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
         try:
             return float(value)
         except ValueError:
-            raise ConfigError(f"{name}={value!r} is not valid: expected a number") from None
+            raise ConfigError(f"{name}={short(value)} is not valid: expected a number") from None
     if is_float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     return value
@@ -403,7 +404,7 @@ def _build(cls: type, d: Any, prefix: str) -> Any:
     if cls is ModelConfig and isinstance(d, str):  # `model: path` shorthand
         d = {"path": d}
     if not isinstance(d, Mapping):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {d!r}")
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {short(d)}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = get_type_hints(cls)
     kwargs = {}
@@ -415,7 +416,7 @@ def _build(cls: type, d: Any, prefix: str) -> Any:
             kwargs[key] = _build(_SECTIONS[key], value if value is not None else {}, f"{name}.")
         elif cls is TrainConfig and key == "concepts":
             if not isinstance(value, (list, tuple)):
-                raise ConfigError(f"concepts={value!r} is not valid: expected a list of mappings")
+                raise ConfigError(f"concepts={short(value)} is not valid: expected a list of mappings")
             concepts = []
             for i, c in enumerate(value):
                 concept_fields = [f.name for f in dataclasses.fields(Concept)]
@@ -430,7 +431,7 @@ def _build(cls: type, d: Any, prefix: str) -> Any:
                 elif isinstance(c, Concept):
                     concepts.append(c)
                 else:
-                    raise ConfigError(f"concepts[{i}]={c!r} is not valid: expected a mapping with "
+                    raise ConfigError(f"concepts[{i}]={short(c)} is not valid: expected a mapping with "
                                       f"{', '.join(concept_fields)}")
             kwargs[key] = tuple(concepts)
         else:
@@ -441,100 +442,114 @@ def _build(cls: type, d: Any, prefix: str) -> Any:
     return cls(**kwargs)
 
 
-# ------------------------------------------------------------------------------ loading
+# ---------------------------------------------------------------------- overrides and loading
 
-def _set_path(d: dict, dotted: str, value: Any, what: str) -> None:
-    """d["a"]["b"] = value for "a.b"; list entries by index ("concepts.0.instance_prompt")."""
-    if not dotted or any(not part for part in dotted.split(".")):
-        raise ConfigError(f"{what}: bad key {dotted!r} (expected dotted names like optim.learning_rate)")
-    parts = dotted.split(".")
-    node: Any = d
-    for i, part in enumerate(parts[:-1]):
-        here = ".".join(parts[: i + 1])
-        if isinstance(node, list):
-            if not part.isdigit() or int(part) >= len(node):
-                raise ConfigError(f"{what}: {here!r} is not an index of a list of {len(node)}")
-            node = node[int(part)]
-            continue
-        child = node.get(part)
-        if child is None:
-            child = node[part] = {}
-        elif not isinstance(child, (dict, list)):
-            raise ConfigError(f"{what}: {here!r} holds {child!r}, not a section")
-        node = child
-    last = parts[-1]
-    if isinstance(node, list):
-        if not last.isdigit() or int(last) >= len(node):
-            raise ConfigError(f"{what}: {dotted!r} is not an index of a list of {len(node)}")
-        node[int(last)] = value
+def apply_overrides(d: Mapping[str, Any], overrides: Mapping[str, Any] | Sequence[str], *,
+                    what: str = "override") -> dict[str, Any]:
+    """A copy of the recipe dict ``d`` with ``overrides`` applied: the one way a recipe value is
+    overridden (:func:`load_config`'s overrides, the command line's flags and ``--set``).
+
+    ``overrides`` maps dotted keys (``"optim.learning_rate"``; list entries by index,
+    ``"concepts.0.instance_prompt"``) or nested mappings (``{"optim": {"learning_rate": 1e-6}}``)
+    to values, or is a list of ``"key=value"`` strings (``--set``) whose values are read as YAML
+    (``3`` int, ``1e-6`` float, ``true``, ``null``, ``[a, b]`` a list, anything else a string) within
+    :mod:`sd_jax.limits`' bounds. Either way a mapping value sets the keys it holds and leaves the
+    others (``model: path`` sets ``model.path``); any other value, a list too, replaces what was there.
+    ``what`` starts each error message (e.g. ``"--set"``).
+    """
+    out = copy.deepcopy(dict(d))
+    if isinstance(out.get("model"), str):  # the recipe's `model: path` shorthand
+        out["model"] = {"path": out["model"]}
+    if isinstance(overrides, Mapping):
+        pairs = [(key, value, f"{what} {short(key)}") for key, value in overrides.items()]
+    elif isinstance(overrides, Sequence) and not isinstance(overrides, str):
+        pairs = [(*_parse_assignment(item, what), f"{what} {short(item)}") for item in overrides]
     else:
-        node[last] = value
+        raise ConfigError(f"{what}: expected a mapping or a list of key=value strings, got {short(overrides)}")
+    for key, value, where in pairs:
+        for dotted, leaf in _leaves(str(key), value):
+            _set_path(out, dotted, copy.deepcopy(leaf), where)
+    return out
 
 
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")  # 1e-6, 2.5E+3
 
 
-def apply_set_overrides(d: Mapping[str, Any], assignments: Sequence[str]) -> dict[str, Any]:
-    """A copy of ``d`` with each ``"a.b=value"`` applied; values are parsed by ``yaml.safe_load``
-    (``3`` int, ``1e-6`` float, ``true``, ``null``, ``[a, b]`` a list, anything else a string)."""
-    out = copy.deepcopy(dict(d))
-    for item in assignments:
-        if not isinstance(item, str) or "=" not in item:
-            raise ConfigError(f"override {item!r} is not valid: expected key=value, e.g. optim.learning_rate=1e-6")
-        key, text = item.split("=", 1)
-        key = key.strip()
-        try:
-            value = yaml.safe_load(text) if text.strip() else ""
-        except yaml.YAMLError as e:
-            raise ConfigError(f"override {key}: cannot parse {text!r} as a YAML value ({e})") from None
-        if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
-            value = float(value)  # YAML 1.1 reads 1e-6 as a string; YAML 1.2 and users read a number
-        _set_path(out, key, value, f"override {item!r}")
-    return out
+def _parse_assignment(item: Any, what: str) -> tuple[str, Any]:
+    """``"a.b=value"`` -> ("a.b", the value read as YAML)."""
+    if not isinstance(item, str) or "=" not in item:
+        raise ConfigError(f"{what} {short(item)} is not valid: expected key=value, e.g. optim.learning_rate=1e-6")
+    key, text = item.split("=", 1)
+    key = key.strip()
+    try:
+        value = limits.load_yaml(text, f"{what} {short(key)}: the value") if text.strip() else ""
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+        value = float(value)  # YAML 1.1 reads 1e-6 as a string; YAML 1.2 and users read a number
+    return key, value
 
 
-def _merge(base: dict, overrides: Mapping[str, Any]) -> dict:
-    """Deep merge; keys with dots ("optim.learning_rate") are paths."""
-    for key, value in overrides.items():
-        if "." in str(key):
-            _set_path(base, str(key), copy.deepcopy(value), "override")
-        elif isinstance(value, Mapping) and isinstance(base.get(key), dict):
-            _merge(base[key], value)
-        elif key == "model" and isinstance(value, str) and isinstance(base.get(key), dict):
-            base[key]["path"] = value
+def _leaves(key: str, value: Any) -> Iterator[tuple[str, Any]]:
+    """(dotted key, value) pairs of a possibly nested override; ``model: "path"`` is ``model.path``."""
+    if key == "model" and isinstance(value, str):
+        yield "model.path", value
+    elif isinstance(value, Mapping):
+        for k, v in value.items():
+            yield from _leaves(f"{key}.{k}", v)
+    else:
+        yield key, value
+
+
+def _set_path(d: dict, dotted: str, value: Any, where: str) -> None:
+    """d["a"]["b"] = value for "a.b" (missing sections are created); list entries by index."""
+    parts = dotted.split(".")
+    if not all(parts) or len(parts) > limits.MAX_NESTING:
+        raise ConfigError(f"{where}: bad key {short(dotted)} (expected dotted names like optim.learning_rate)")
+    node: Any = d
+    for i, part in enumerate(parts):
+        here, last = ".".join(parts[: i + 1]), i == len(parts) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"{where}: {short(here)} is not an index of a list of {len(node)}")
+            part = int(part)
+        elif not isinstance(node, dict):
+            raise ConfigError(f"{where}: {short('.'.join(parts[:i]))} holds {short(node)}, not a section")
+        if last:
+            node[part] = value
         else:
-            base[key] = copy.deepcopy(value) if not isinstance(value, Mapping) else _merge({}, value)
-    return base
+            if isinstance(node, dict) and node.get(part) is None:
+                node[part] = {}
+            node = node[part]
+
+
+def _read_recipe(yaml_path: str | Path) -> dict[str, Any]:
+    path = Path(yaml_path)
+    what = f"config file {short(str(path))}"
+    if not path.is_file():
+        raise ConfigError(f"{what} does not exist")
+    try:
+        loaded = limits.read_yaml_file(path, what)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{what} must hold a mapping at the top, got {type(loaded).__name__}")
+    return loaded
 
 
 def load_config(yaml_path: str | Path | None = None, overrides: Mapping[str, Any] | None = None, *,
                 require_runnable: bool = True) -> TrainConfig:
     """A recipe (YAML file, or nothing) plus overrides -> a validated :class:`TrainConfig`.
 
-    ``overrides`` is a nested dict or has dotted keys (``{"optim.learning_rate": 1e-6}``);
+    ``overrides`` is as :func:`apply_overrides` takes it (dotted keys or nested dicts);
     ``None`` values in it are ignored (an unset CLI flag). With ``require_runnable``
     the result must name a model and at least one concept.
     """
-    base: dict[str, Any] = {}
-    if yaml_path is not None:
-        path = Path(yaml_path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top, got {type(loaded).__name__}")
-        base = loaded
+    base = _read_recipe(yaml_path) if yaml_path is not None else {}
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
-    cfg = TrainConfig.from_dict(_merge(base, overrides))
+    cfg = TrainConfig.from_dict(apply_overrides(base, overrides))
     if require_runnable:
         cfg.check_runnable()
     return cfg
-
-
-# Public name of the dotted-path setter (used by the command line for its flags).
-set_path = _set_path

@@ -1,8 +1,9 @@
 """The optimizer: AdamW with schedules, global-norm clipping, a separately scheduled (and
 optionally time-limited) text encoder, skipping of non-finite updates, and the EMA of the weights.
 
-``make_optimizer(config, trainable)`` returns one optax transformation over the trainable
-tree ``{"unet": ..., ["text_encoder": ...]}`` that computes, per update::
+``make_optimizer(config, trainable)`` returns one optax-style transformation (``init``, ``update``)
+over the trainable tree ``{"unet": ..., ["text_encoder": ...]}``, carrying the learning-rate
+schedules it was built with (``.schedules``, the only place they are built), that computes, per update::
 
     g      <- gradients; a frozen group's (text encoder after N updates) count as zero
     g      <- g * min(1, max_grad_norm / ||g||)         global norm over all groups (as diffusers)
@@ -34,7 +35,7 @@ The EMA of the weights is kept in the train state (:func:`ema_update`).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -95,11 +96,14 @@ class AdamWState(NamedTuple):
     nu: Any
 
 
-class SkipsNonFinite(optax.GradientTransformationExtraArgs):
-    """An optax transformation whose ``update(grads, state, params, finite=...)`` itself turns a
-    non-finite update into a no-op (the train step then leaves the rest of the state alone too)."""
+class SkipsNonFinite(NamedTuple):
+    """An optax-style transformation whose ``update(grads, state, params, finite=...)`` itself turns
+    a non-finite update into a no-op (the train step then leaves the rest of the state alone too),
+    with the learning-rate schedule of each group (what the train step and the logs report)."""
 
-    __slots__ = ()
+    init: Callable[[Any], AdamWState]
+    update: Callable[..., tuple[Any, AdamWState]]
+    schedules: Mapping[str, optax.Schedule]
 
 
 def _bias_correction(b: float, t: jax.Array) -> jax.Array:
@@ -165,7 +169,7 @@ def fused_adamw(schedules: Mapping[str, optax.Schedule], *, b1: float = 0.9, b2:
             updates[g], mu[g], nu[g] = (jax.tree.unflatten(tree, [p[i] for p in parts]) for i in range(3))
         return updates, AdamWState(count=new_count, mu=mu, nu=nu)
 
-    return SkipsNonFinite(init, update)
+    return SkipsNonFinite(init, update, dict(schedules))
 
 
 def make_optimizer(config: TrainConfig, trainable_params: Any) -> SkipsNonFinite:

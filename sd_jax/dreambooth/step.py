@@ -66,7 +66,7 @@ from jax.sharding import Mesh
 from sd_jax import sharding as shd
 from sd_jax.dreambooth.config import TrainConfig
 from sd_jax.dreambooth.loss import dreambooth_loss, min_snr_weights, noise_with_offset
-from sd_jax.dreambooth.optim import SkipsNonFinite, ema_update, lr_schedules
+from sd_jax.dreambooth.optim import SkipsNonFinite, ema_update
 from sd_jax.models.vae import AutoencoderKL
 from sd_jax.schedulers import add_noise, alphas_cumprod, training_target
 
@@ -361,7 +361,7 @@ def make_train_step(models: StepModels, config: TrainConfig, optimizer: optax.Gr
                          f"{config.train.train_text_encoder}")
     loss_fn = make_loss_fn(models, config)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    schedules = lr_schedules(config)
+    schedules = optimizer.schedules
     ema_decay = config.optim.ema_decay
     skip = config.train.skip_nonfinite_updates
     state_sh = _shardings_of(state)

@@ -32,7 +32,7 @@ from sd_jax.dreambooth import data as dbdata
 from sd_jax.dreambooth.checkpoint import Checkpointer
 from sd_jax.dreambooth.config import TrainConfig
 from sd_jax.dreambooth.metrics import MetricsLogger, Progress, RunSummary
-from sd_jax.dreambooth.optim import lr_schedules, make_optimizer
+from sd_jax.dreambooth.optim import make_optimizer
 from sd_jax.dreambooth.step import (StepModels, abstract_train_state, concat_prior_batch, init_train_state,
                                     make_train_step, pad_batch, place_frozen, split_params)
 
@@ -259,7 +259,7 @@ def train(config: TrainConfig, *, pipe: Any = None, resume: bool | None = None,
     pipe = dataclasses.replace(pipe, params={k: v for k, v in pipe.params.items() if k not in trainable})
     builder.pipe = pipe
     train_step = make_train_step(models, config, optimizer, mesh, state, frozen)
-    schedules = lr_schedules(config)
+    schedules = optimizer.schedules
 
     total = config.train.max_train_steps
     start = int(state.step)

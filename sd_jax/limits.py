@@ -1,0 +1,208 @@
+"""Bounds on what a user or a stranger can hand sd_jax, in one place, and the helpers that enforce them.
+
+Every bound admits every real SD 1.x/2.x model (and SDXL-sized ones) with wide headroom; a value
+past one is refused with a ``ValueError`` naming the field, a short prefix of the value and the
+valid range, before anything is allocated. The README's safety section lists the same numbers.
+
+Documents (recipes, ``--set`` values, ldm model YAMLs) are read by :func:`load_yaml`: at most
+:data:`MAX_DOCUMENT_BYTES`, nesting at most :data:`MAX_NESTING` deep, and at most
+:data:`MAX_NODES` values after alias expansion (``*name`` counts the whole subtree it repeats, so a
+"billion laughs" document is refused while it is read, in milliseconds). Error messages echo values
+through :func:`short` (at most :data:`ECHO_CHARS` characters, whatever the value's size or depth).
+"""
+
+from __future__ import annotations
+
+import math
+import reprlib
+from typing import Any
+
+import yaml
+
+ECHO_CHARS = 80  # longest echo of a user value in an error message
+
+# ------------------------------------------------------------------------------ documents
+MAX_DOCUMENT_BYTES = 1 << 20  # 1 MiB; a recipe is ~2 KB, v1-inference.yaml ~2 KB
+MAX_NESTING = 64              # lists/mappings inside each other; recipes use 3, ldm YAMLs 7
+MAX_NODES = 100_000           # values after alias expansion; a recipe has ~60
+
+# ------------------------------------------------------------------ model architectures
+# Largest accepted value of each size (the smallest is 1 unless the config says otherwise).
+# Real values for comparison: SD 1.x / SD 2.x / SDXL.
+CLIP_TEXT = {
+    "vocab_size": 1 << 20,             # 49408 / 49408 / 49408
+    "max_position_embeddings": 8192,   # 77
+    "hidden_size": 8192,               # 768 / 1024 / 1280
+    "num_hidden_layers": 128,          # 12 / 23-24 / 32
+    "num_attention_heads": 256,        # 12 / 16 / 20
+    "intermediate_size": 65536,        # 3072 / 4096 / 5120
+}
+UNET = {
+    "blocks": 8,                       # len(block_out_channels): 4 / 4 / 3
+    "block_out_channels": 8192,        # each: at most 1280
+    "layers_per_block": 16,            # 2
+    "num_attention_heads": 256,        # 8 / 5-20 / 5-20
+    "transformer_layers_per_block": 64,  # 1 / 1 / 10
+    "in_channels": 64,                 # 4, 9 (inpainting), 5 (depth), 8 (pix2pix)
+    "out_channels": 64,                # 4
+    "cross_attention_dim": 16384,      # 768 / 1024 / 2048
+    "norm_num_groups": 1024,           # 32
+    "time_embedding_dim": 32768,       # 1280
+    "sample_size": 4096,               # latent pixels: 64 / 96 / 128
+}
+VAE = {
+    "blocks": 8,                       # 4
+    "block_out_channels": 8192,        # each: at most 512
+    "layers_per_block": 16,            # 2
+    "in_channels": 64,                 # 3
+    "out_channels": 64,                # 3
+    "latent_channels": 64,             # 4 (16 in SD3)
+    "norm_num_groups": 1024,           # 32
+    "sample_size": 16384,              # image pixels: 512 / 768 / 1024
+}
+MAX_SCALING_FACTOR = 100.0           # VAE latent scale: 0.18215 / 0.18215 / 0.13025 (SD3 1.5305)
+MAX_NORM_EPS = 1.0                   # 1e-5, 1e-6
+MAX_FREQ_SHIFT = 1000.0              # UNet time embedding shift: 0 or 1
+
+# ----------------------------------------------------------------------- noise schedules
+MAX_TRAIN_TIMESTEPS = 100_000        # 1000 in every SD
+MAX_SIGMA = 1e6                      # largest σ_t = sqrt((1 - ᾱ_t) / ᾱ_t): 14.6 (SD), 2e4 (cosine)
+
+# ------------------------------------------------------------------ Dreambooth run config
+MAX_TRAIN_STEPS = 2**31 - 1          # the optimizer's update count is an int32
+MAX_RESOLUTION = 8192                # training images (SD 1.x: 512, SDXL: 1024)
+MAX_BATCH = 65536                    # examples per micro-batch, micro-batches per update, sampling batch
+MAX_SAMPLING_STEPS = 10_000          # class images and validation samples (at most T anyway)
+MAX_CLASS_IMAGES = 1_000_000         # per concept
+MAX_CHECKPOINTS_KEPT = 10_000
+MAX_SEED = 2**32 - 1
+
+
+# ---------------------------------------------------------------------------------- echoes
+
+class _ShortRepr(reprlib.Repr):
+    def __init__(self):
+        super().__init__()
+        self.maxlevel, self.maxlist, self.maxtuple, self.maxdict = 3, 6, 6, 4
+        self.maxset = self.maxfrozenset = self.maxdeque = self.maxarray = 6
+        self.maxstring = self.maxother = self.maxlong = ECHO_CHARS
+
+    def repr_int(self, x: int, level: int) -> str:
+        if x.bit_length() > 256:  # repr of a 5000-digit int raises (and costs); its size is what matters
+            return f"<an integer of about {math.floor(x.bit_length() * math.log10(2)) + 1} digits>"
+        return super().repr_int(x, level)
+
+
+_REPR = _ShortRepr()
+
+
+def short(value: Any, limit: int = ECHO_CHARS) -> str:
+    """``repr(value)`` cut to at most ``limit`` characters, in time bounded whatever the value's size
+    or nesting (only the first few entries of each level are looked at)."""
+    return clip(_REPR.repr(value), limit)
+
+
+def clip(text: str, limit: int = ECHO_CHARS) -> str:
+    """``text`` on one line (whitespace runs become one space), cut to at most ``limit`` characters."""
+    text = " ".join(text[: 4 * limit].split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# ------------------------------------------------------------------------------ checks
+
+def check_int(owner: str, name: str, value: Any, low: int, high: int) -> None:
+    """``value`` is an int (not a bool) in [low, high], else a ValueError naming ``owner.name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"{owner}.{name}={short(value)} is not valid; expected an integer in [{low}, {high}]")
+
+
+def check_number(owner: str, name: str, value: Any, low: float, high: float, *, low_open: bool = False) -> None:
+    """``value`` is a finite int/float (not a bool) in [low, high] (``(low, high]`` with ``low_open``)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
+        and (value > low if low_open else value >= low) and value <= high
+    if not ok:
+        raise ValueError(f"{owner}.{name}={short(value)} is not valid; expected a finite number in "
+                         f"{'(' if low_open else '['}{low:g}, {high:g}]")
+
+
+# ------------------------------------------------------------------------------- YAML
+
+class DocumentTooLarge(ValueError):
+    """A YAML/JSON document is past one of the limits above."""
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, counting nesting and alias-expanded values while composing."""
+
+    def __init__(self, stream: str, max_depth: int, max_nodes: int):
+        super().__init__(stream)
+        self._max_depth, self._max_nodes = max_depth, max_nodes
+        self._depth = self._nodes = 0
+        self._sizes: dict[str, int] = {}  # anchor -> values it stands for, aliases expanded
+
+    def _count(self, n: int, event: Any) -> None:
+        self._nodes += n
+        if self._nodes > self._max_nodes:
+            raise DocumentTooLarge(f"more than {self._max_nodes} values once aliases (*name) are expanded "
+                                   f"(line {event.start_mark.line + 1})")
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            if event.anchor in self.anchors and event.anchor not in self._sizes:
+                raise DocumentTooLarge(f"alias *{clip(event.anchor, 40)} refers to a value that contains it "
+                                       f"(line {event.start_mark.line + 1})")
+            self._count(self._sizes.get(event.anchor, 0), event)
+            return super().compose_node(parent, index)  # an undefined alias is PyYAML's error
+        if self._depth >= self._max_depth:
+            raise DocumentTooLarge(f"nested more than {self._max_depth} levels deep "
+                                   f"(line {event.start_mark.line + 1})")
+        before = self._nodes
+        self._count(1, event)
+        self._depth += 1
+        try:
+            node = super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+        if event.anchor is not None:
+            self._sizes[event.anchor] = self._nodes - before
+        return node
+
+
+def load_yaml(text: str | bytes, what: str, *, max_bytes: int = MAX_DOCUMENT_BYTES,
+              max_depth: int = MAX_NESTING, max_nodes: int = MAX_NODES) -> Any:
+    """``yaml.safe_load(text)`` within the document limits; any failure is one ``ValueError`` that
+    starts with ``what`` (e.g. ``"config file 'a.yaml'"``) and echoes nothing long."""
+    if len(text) > max_bytes:
+        raise DocumentTooLarge(f"{what} is {len(text)} bytes; at most {max_bytes} are read")
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{what} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+    loader = _BoundedLoader(text, max_depth, max_nodes)
+    try:
+        return loader.get_single_data()
+    except DocumentTooLarge as err:
+        raise DocumentTooLarge(f"{what} is refused: {err}") from None
+    except yaml.YAMLError as err:
+        raise ValueError(f"{what} is not valid YAML: {clip(str(err), 300)}") from None
+    except ValueError as err:  # e.g. an integer of more than 4300 digits
+        raise ValueError(f"{what} has a value Python cannot read: {clip(str(err), 120)}") from None
+    finally:
+        loader.dispose()
+
+
+def read_yaml_file(path: Any, what: str | None = None, **limits: int) -> Any:
+    """:func:`load_yaml` of a file, whose size is checked before it is read."""
+    from pathlib import Path
+
+    path = Path(path)
+    what = what or f"YAML file {short(str(path))}"
+    max_bytes = limits.get("max_bytes", MAX_DOCUMENT_BYTES)
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise DocumentTooLarge(f"{what} is {size} bytes; at most {max_bytes} are read")
+    with path.open("rb") as f:
+        data = f.read(max_bytes + 1)
+    return load_yaml(data, what, **limits)
