@@ -67,6 +67,12 @@ def build_parser() -> common.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="require resuming from OUTPUT_DIR's checkpoints "
                                                          "(resuming is automatic when they exist)")
     p.add_argument("--no-resume", action="store_true", help="refuse to start if OUTPUT_DIR has checkpoints")
+    p.add_argument("--resume-step", type=int, metavar="N",
+                   help="resume from checkpoint N (e.g. the good one before a damaged checkpoint); later "
+                        "checkpoints are moved to checkpoints/.set_aside/, not deleted")
+    p.add_argument("--overwrite", action="store_true",
+                   help="train in a non-empty OUTPUT_DIR that is not an sd_jax run; its files are left alone "
+                        "(sd_jax never deletes or replaces a file it did not write)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config value, e.g. --set optim.ema_decay=0.999 (repeatable)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -95,6 +101,8 @@ def run(args: Any) -> Any:
     """Validate, check files cheaply, then train."""
     if args.resume and args.no_resume:
         raise ValueError("--resume and --no-resume contradict each other")
+    if args.resume_step is not None and (args.no_resume or args.resume_step < 1):
+        raise ValueError(f"--resume-step {args.resume_step}: expected a checkpoint step >= 1 (and no --no-resume)")
     config = config_from_args(args)
     common.check_model_source(config.model.path)
     for c in config.concepts:
@@ -103,16 +111,28 @@ def run(args: Any) -> Any:
     common.prepare_output_dir(config.output_dir, "--output-dir")
     from sd_jax.dreambooth.trainer import train
 
-    resume = True if args.resume else False if args.no_resume else None
-    result = train(config, resume=resume, progress=not args.no_progress)
+    resume = True if args.resume or args.resume_step is not None else False if args.no_resume else None
+    result = train(config, resume=resume, progress=not args.no_progress, overwrite=args.overwrite,
+                   resume_step=args.resume_step)
+    if result.complete:
+        print(f"{result.output_dir} is already complete (step {result.steps} of {result.steps}); final/ is left as "
+              "it is. Raise --max-train-steps to train further.")
     print(f"final model: {result.final_dir}" + (f"; single file: {result.single_file}" if result.single_file else ""))
     return result
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; one clear line and exit 2 on a bad value."""
+    """Entry point; one clear line and exit 2 on a bad value or a diverged run, 130 after Ctrl-C."""
+    from sd_jax.dreambooth.run_dir import TrainingDiverged, TrainingInterrupted
+
     args = build_parser().parse_args(argv)
-    return common.run_main(PROG, lambda: run(args))
+    try:
+        return common.run_main(PROG, lambda: run(args))
+    except TrainingInterrupted as stop:
+        print(f"{PROG}: {common.one_line(stop)}", file=sys.stderr)
+        return common.EXIT_INTERRUPTED
+    except TrainingDiverged as err:
+        return common.print_error(PROG, err)
 
 
 if __name__ == "__main__":

@@ -29,9 +29,10 @@ import numpy as np
 
 from sd_jax import sharding as shd
 from sd_jax.dreambooth import data as dbdata
-from sd_jax.dreambooth.checkpoint import Checkpointer
+from sd_jax.dreambooth.checkpoint import Checkpointer, set_aside
 from sd_jax.dreambooth.config import TrainConfig
 from sd_jax.dreambooth.metrics import MetricsLogger, Progress, RunSummary
+from sd_jax.dreambooth.run_dir import RunDir, StopOnInterrupt, TrainingDiverged, TrainingInterrupted
 from sd_jax.dreambooth.optim import make_optimizer
 from sd_jax.dreambooth.step import (StepModels, abstract_train_state, concat_prior_batch, init_train_state,
                                     make_train_step, pad_batch, place_frozen, split_params)
@@ -39,8 +40,7 @@ from sd_jax.dreambooth.step import (StepModels, abstract_train_state, concat_pri
 log = logging.getLogger("sd_jax.dreambooth")
 
 
-class TrainingDiverged(RuntimeError):
-    """The loss or the gradients became NaN or infinite."""
+__all__ = ["TrainResult", "TrainingDiverged", "TrainingInterrupted", "train"]
 
 
 @dataclasses.dataclass
@@ -54,6 +54,7 @@ class TrainResult:
     final_loss: float
     summary: dict[str, Any]
     resumed_from: int | None
+    complete: bool = False  # the run had already finished: nothing was trained or written
 
 
 @dataclasses.dataclass
@@ -172,8 +173,13 @@ class BatchBuilder:
         return {key: np.stack([m[key] for m in micro]) for key in micro[0]}
 
 
-def _check_output_dir(paths: RunPaths, config: TrainConfig, resume: bool | None) -> int | None:
-    """Decide whether to resume; refuse to mix runs. Returns the step to resume from, or None."""
+def _check_output_dir(paths: RunPaths, config: TrainConfig, resume: bool | None,
+                      resume_step: int | None = None) -> int | None:
+    """Decide whether to resume; refuse to mix runs. Returns the step to resume from, or None.
+
+    ``resume_step``: resume from that (earlier) checkpoint; the later ones are set aside, not deleted.
+    ``train.max_train_steps`` may grow between runs (the run is extended), never drop below the step reached.
+    """
     ckpt_dir = paths.checkpoints
     steps = sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit()) if ckpt_dir.is_dir() else []
     if resume is True and not steps:
@@ -181,15 +187,27 @@ def _check_output_dir(paths: RunPaths, config: TrainConfig, resume: bool | None)
     if steps and resume is False:
         raise ValueError(f"{paths.root} already holds checkpoints (steps {steps}); resume it (the default) "
                          "or choose another --output-dir")
+    if resume_step is not None and resume_step not in steps:
+        raise ValueError(f"--resume-step {resume_step}: {ckpt_dir} holds no such checkpoint; steps: {steps[-8:]}")
     saved = paths.root / "config.json"
     if steps and saved.is_file():
         before = json.loads(saved.read_text())
         now = config.to_dict()
+        before_train = {k: v for k, v in (before.get("train") or {}).items() if k != "max_train_steps"}
+        now_train = {k: v for k, v in now["train"].items() if k != "max_train_steps"}
         changed = sorted(k for k in set(before) | set(now)
-                         if k not in ("logging", "checkpoint") and before.get(k) != now.get(k))
+                         if k not in ("logging", "checkpoint", "train") and before.get(k) != now.get(k))
+        changed += ["train"] if before_train != now_train else []
         if changed:
             raise ValueError(f"{paths.root} holds a run with a different configuration (sections differ: "
                              f"{', '.join(changed)}); resume with the same settings or use another --output-dir")
+    if resume_step is not None and steps[-1] > resume_step:
+        set_aside(ckpt_dir, [s for s in steps if s > resume_step])
+        log.warning("resuming from step %d: later checkpoints moved to %s", resume_step, ckpt_dir / ".set_aside")
+        steps = [s for s in steps if s <= resume_step]
+    if steps and steps[-1] > config.train.max_train_steps:
+        raise ValueError(f"--max-train-steps {config.train.max_train_steps} is below the step this run has reached "
+                         f"({steps[-1]}); pass at least {steps[-1]}, or --resume-step N to go back")
     return steps[-1] if steps else None
 
 
@@ -217,19 +235,46 @@ def _host(tree: Any) -> Any:
     return jax.tree.map(np.asarray, tree)
 
 
-def train(config: TrainConfig, *, pipe: Any = None, resume: bool | None = None,
-          progress: bool = True) -> TrainResult:
-    """Run (or resume) a Dreambooth fine-tune; returns where the model went and the run's figures."""
+def train(config: TrainConfig, *, pipe: Any = None, resume: bool | None = None, progress: bool = True,
+          overwrite: bool = False, resume_step: int | None = None) -> TrainResult:
+    """Run (or resume) a Dreambooth fine-tune; returns where the model went and the run's figures.
+
+    The output folder must be new, empty, or an sd_jax run (``overwrite=True``: a non-empty folder of other
+    files, left alone); it is locked for the run (see :mod:`sd_jax.dreambooth.run_dir`). ``resume_step``
+    resumes from an earlier checkpoint. Ctrl-C stops after the current step with a checkpoint and raises
+    :class:`TrainingInterrupted`; a NaN/inf loss raises :class:`TrainingDiverged`.
+    """
+    config.check_runnable()
+    shd.initialize_distributed()
+    run = RunDir.open(config.output_dir, overwrite=overwrite, primary=jax.process_index() == 0)
+    try:
+        return _train(config, run, pipe=pipe, resume=resume, progress=progress, resume_step=resume_step)
+    finally:
+        run.close()
+
+
+def _train(config: TrainConfig, run: RunDir, *, pipe: Any, resume: bool | None, progress: bool,
+           resume_step: int | None) -> TrainResult:
+    """The run itself, in a folder this process holds."""
     from sd_jax.pipeline import StableDiffusion
 
     config.check_runnable()
     shd.initialize_distributed()
     paths = RunPaths(Path(config.output_dir))
-    resume_step = _check_output_dir(paths, config, resume)
+    resume_step = _check_output_dir(paths, config, resume, resume_step)
+    total = config.train.max_train_steps
+    if resume_step == total and run.final_is_current(total) and (
+            not config.checkpoint.save_single_file or run.single_file.is_file()):
+        log.info("%s is complete (step %d of %d); final/ left as it is", paths.root, total, total)
+        single = run.single_file if config.checkpoint.save_single_file and run.single_file.is_file() else None
+        return TrainResult(output_dir=paths.root, final_dir=paths.final, single_file=single, steps=total,
+                           final_loss=math.nan, summary={}, resumed_from=resume_step, complete=True)
     for p in (paths.root, paths.checkpoints, paths.logs, paths.samples):
         p.mkdir(parents=True, exist_ok=True)
-    if jax.process_index() == 0:
-        (paths.root / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    run.write_json("config.json", config.to_dict())
+    ckpt = Checkpointer(paths.checkpoints, keep=config.checkpoint.keep)
+    if resume_step is not None:
+        ckpt.verify(resume_step)  # a damaged checkpoint is named now, before the model loads
 
     concepts = data_concepts(config)  # validates the instance folders before the model loads
     if pipe is None:
@@ -246,7 +291,6 @@ def train(config: TrainConfig, *, pipe: Any = None, resume: bool | None = None,
     models = StepModels.from_pipeline(pipe, config)
     trainable, frozen = split_params(pipe.params, config)
     optimizer = make_optimizer(config, trainable)
-    ckpt = Checkpointer(paths.checkpoints, keep=config.checkpoint.keep)
     position = 0
     if resume_step is not None:
         state, meta = ckpt.restore(resume_step, abstract_train_state(trainable, optimizer, mesh, config))
@@ -261,15 +305,15 @@ def train(config: TrainConfig, *, pipe: Any = None, resume: bool | None = None,
     train_step = make_train_step(models, config, optimizer, mesh, state, frozen)
     schedules = optimizer.schedules
 
-    total = config.train.max_train_steps
     start = int(state.step)
-    logger = MetricsLogger(paths.logs, enabled=jax.process_index() == 0,
-                           purge_step=start if resume_step is not None else None)
+    # purge_step=start also drops the rows of an earlier attempt that died before its first checkpoint
+    logger = MetricsLogger(paths.logs, enabled=jax.process_index() == 0, purge_step=start)
     bar = Progress(total, initial=start, enabled=progress and jax.process_index() == 0)
     images_per_update = dataset.batch_size * (2 if config.with_prior_preservation else 1) \
         * config.optim.grad_accum_steps
     summary = RunSummary(images_per_step=images_per_update)
     last_loss = math.nan
+    stop = StopOnInterrupt().install()
     try:
         for step in range(start, total):
             t0 = time.perf_counter()
@@ -298,13 +342,29 @@ def train(config: TrainConfig, *, pipe: Any = None, resume: bool | None = None,
             bar.update(1, {"loss": f"{last_loss:.4f}"})
             if config.logging.sample_every and done % config.logging.sample_every == 0:
                 _log_samples(pipe, state, config, paths, logger, done)
-            if done % config.checkpoint.every == 0 or done == total:
+            if done % config.checkpoint.every == 0 or done == total or stop.requested:
                 ckpt.save(done, state, {"data_position": position, "step": done, "config": config.to_dict()})
+            if stop.requested:
+                ckpt.close()
+                raise TrainingInterrupted(f"interrupted at step {done} of {total}; checkpoint step {done} is saved "
+                                          f"in {paths.checkpoints}: run the same command again to resume")
         ckpt.wait()
+    except BaseException:
+        stop.restore()
+        try:  # an in-flight save completes, Orbax's threads end: no background tracebacks at exit
+            ckpt.close()
+        except Exception as e:  # noqa: BLE001 - the error that stopped the run is the one to report
+            log.warning("closing the checkpoints after the error: %s", e)
+        raise
     finally:
+        stop.restore()
         bar.close()
         logger.close()
-    final_dir, single = _export(pipe, state, config, paths)
+    if stop.requested:  # Ctrl-C during the last step's save: stop before the export
+        ckpt.close()
+        raise TrainingInterrupted(f"interrupted at step {total} of {total} before the final model was written; "
+                                  "run the same command again to write it")
+    final_dir, single = _export(pipe, state, config, paths, run)
     ckpt.close()
     report = summary.as_dict()
     if progress and jax.process_index() == 0:
@@ -329,16 +389,19 @@ def _log_samples(pipe: Any, state: Any, config: TrainConfig, paths: RunPaths, lo
     logger.images(step, "samples", result.images)
 
 
-def _export(pipe: Any, state: Any, config: TrainConfig, paths: RunPaths) -> tuple[Path | None, Path | None]:
-    """The fine-tuned model as a diffusers folder (and optionally a CompVis single file)."""
+def _export(pipe: Any, state: Any, config: TrainConfig, paths: RunPaths,
+            run: RunDir) -> tuple[Path | None, Path | None]:
+    """The fine-tuned model as a diffusers folder (and optionally a CompVis single file), each written to a
+    temporary name and renamed into place, replacing only what this run wrote before."""
     from sd_jax.convert.export import save_pretrained, save_single_file
 
     params = trained_params(state, config)
     if jax.process_index() != 0:
         return None, None
     final = dataclasses.replace(pipe, params={**pipe.params, **params})
-    folder = save_pretrained(final, paths.final, overwrite=True)
     single = None
-    if config.checkpoint.save_single_file:
-        single = save_single_file(final, paths.root / "model.safetensors", overwrite=True)
+    with run.replacing_final(int(state.step), config.checkpoint.save_single_file):
+        folder = save_pretrained(final, paths.final, overwrite=True)
+        if config.checkpoint.save_single_file:
+            single = save_single_file(final, run.single_file, overwrite=True)
     return folder, single
