@@ -158,10 +158,34 @@ def test_choose_implementation():
     assert choose("cpu", jnp.float32, 4096, 4096, 40) == "blocked"
     assert choose("cpu", jnp.float32, 4096, 77, 40) == "naive"
     assert choose("gpu", jnp.bfloat16, 4096, 4096, 40) == "cudnn"
-    assert choose("gpu", jnp.float32, 4096, 4096, 40) == "blocked"   # cuDNN flash needs bf16/fp16
-    assert choose("gpu", jnp.float16, 4096, 4096, 320) == "blocked"  # head size > 256
+    assert choose("gpu", jnp.float16, 1024, 1024, 80) == "cudnn"
+    assert choose("gpu", jnp.bfloat16, 1024, 1024, 160) == "cudnn"           # Hopper: head size <= 256
+    assert choose("gpu", jnp.bfloat16, 1024, 1024, 160, hopper=False) == "xla"  # A100: <= 128
+    assert choose("gpu", jnp.bfloat16, 4096, 4096, 512) == "xla"             # the VAE's single 512 head
+    # float32 has no cuDNN flash kernel: XLA's materialised attention while the scores fit
+    # 2 GiB (batch 2 x 8 heads x 4096^2 x 4 B = 1 GiB), the blocked loop beyond.
+    assert choose("gpu", jnp.float32, 4096, 4096, 40, batch_heads=16) == "xla"
+    assert choose("gpu", jnp.float32, 4096, 4096, 40, batch_heads=64) == "blocked"
+    assert choose("gpu", jnp.float16, 4096, 4096, 320) == "xla"              # head size > 256
+    assert choose("gpu", jnp.float16, 4096, 4096, 36) == "xla"               # not a multiple of 8
+    assert choose("rocm", jnp.bfloat16, 4096, 4096, 40) == "xla"             # cuDNN is NVIDIA only
+    assert choose("gpu", jnp.bfloat16, 4096, 77, 40) == "naive"              # cross-attention
     assert choose("tpu", jnp.bfloat16, 4096, 4096, 40) == "pallas"
     assert choose("tpu", jnp.bfloat16, 4096, 4096, 40, causal=True) == "blocked"
+
+
+def test_cudnn_conditions_checked_before_the_call():
+    assert attn.cudnn_unsupported(jnp.bfloat16, 40) is None
+    assert attn.cudnn_unsupported(jnp.float16, 256) is None
+    assert "bfloat16 or float16" in attn.cudnn_unsupported(jnp.float32, 40)
+    assert "<= 128" in attn.cudnn_unsupported(jnp.bfloat16, 160, hopper=False)
+    assert "multiple of 8" in attn.cudnn_unsupported(jnp.bfloat16, 36)
+    q, k, v = _qkv(lq=8, lk=8, d=40)  # float32: cuDNN has no kernel; a clear error, not XLA's
+    with pytest.raises(ValueError, match="'cudnn'.*bfloat16 or float16.*float32"):
+        attn.attention(q, k, v, implementation="cudnn")
+    q, k, v = (x.astype(jnp.bfloat16) for x in _qkv(lq=8, lk=8, d=264))
+    with pytest.raises(ValueError, match="'cudnn'.*multiple of 8 and <= 256.*264"):
+        attn.attention(q, k, v, implementation="cudnn")
 
 
 def test_bad_implementation_name():

@@ -9,10 +9,24 @@ Kernels:
   recomputes the scores, FlashAttention-2's) in the gradient. The CPU default
   for long sequences.
 - ``"cudnn"``: ``jax.nn.dot_product_attention(implementation="cudnn")``, flash
-  attention on NVIDIA GPUs; needs bf16/fp16 and head size <= 256.
-- ``"pallas"``: the Pallas TPU flash-attention kernel (sequence lengths padded).
-- ``"xla"``: ``jax.nn.dot_product_attention`` as XLA lowers it.
+  attention on NVIDIA GPUs; needs bf16/fp16 and a head size that is a multiple
+  of 8 and <= 256 (Hopper and later) or <= 128 (earlier GPUs).
+- ``"pallas"``: the Pallas TPU flash-attention kernel (forward and backward);
+  head size padded to 128 and lengths to 128, padded keys masked with segment
+  ids (no (B, H, Lq, Lk) bias). Runs on the CPU in TPU interpret mode
+  (``jax.experimental.pallas.tpu.force_tpu_interpret_mode``), as the tests do.
+- ``"xla"``: ``jax.nn.dot_product_attention`` as XLA lowers it (scores
+  materialised, float32 softmax).
 - ``"naive"``: einsum, float32 softmax, einsum. Short sequences and the reference.
+
+How "auto" chooses, per backend (``choose_implementation``)::
+
+    any backend   Lq*Lk <= 512^2, or Lk <= 128 (cross-attention)  naive
+    gpu           bf16/fp16, head size fits cuDNN                  cudnn
+    gpu           otherwise, scores <= 2 GiB float32               xla
+    gpu           otherwise                                        blocked
+    tpu           not causal                                       pallas
+    cpu (other)                                                    blocked
 """
 
 from __future__ import annotations
@@ -31,21 +45,58 @@ _SMALL_SCORES = 512 * 512
 _SHORT_KEYS = 128
 QUERY_BLOCK = 256
 KEY_BLOCK = 512
+# cuDNN flash attention's head-size limit (jax._src.cudnn.fused_attention_stablehlo):
+# 256 from compute capability 9.0 (Hopper), 128 before. SD's heads are 40/80/160.
+_CUDNN_MAX_HEAD = {True: 256, False: 128}
+# float32 on a GPU: cuDNN flash attention has no float32 kernel. "blocked" is written for
+# XLA:CPU: a lax.map over query blocks of a lax.scan over key blocks, i.e. 16 x 8 sequential
+# small GEMMs at 4096 tokens, each a few kernel launches. XLA:GPU runs the materialised
+# kernel as two large cuBLAS GEMMs and one fused softmax, memory-bound at ~4 reads/writes of
+# the scores: at 4096 tokens, batch 2, 8 heads that is 1 GiB of float32 scores, ~1 ms of
+# HBM traffic on an H200, below the blocked loop's launch overhead. So "xla" while the
+# scores fit this budget, "blocked" (O(block) memory) beyond it. Not yet measured on a GPU:
+# bench/accelerator.py times cudnn, xla, blocked and naive at 4096 tokens to check the choice.
+_GPU_XLA_SCORE_BYTES = 2 * 2**30
+_TPU_BLOCKS = (512, 256, 128)  # Pallas tiles: the largest that divides the padded length
+
+
+def cudnn_unsupported(dtype, head_dim: int, hopper: bool = True) -> str | None:
+    """Why cuDNN flash attention cannot run this dtype/head size (None when it can)."""
+    if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        return f"cuDNN flash attention needs bfloat16 or float16 inputs, got {jnp.dtype(dtype).name}"
+    limit = _CUDNN_MAX_HEAD[hopper]
+    if head_dim > limit or head_dim % 8:
+        return (f"cuDNN flash attention needs a head size that is a multiple of 8 and <= {limit} "
+                f"on this GPU, got {head_dim}")
+    return None
 
 
 def choose_implementation(backend: str, dtype, q_len: int, k_len: int, head_dim: int,
-                          causal: bool = False) -> str:
-    """Pick the attention kernel for a backend, dtype and shape ("auto" resolution)."""
+                          causal: bool = False, *, batch_heads: int = 1, hopper: bool = True) -> str:
+    """Pick the attention kernel for a backend, dtype and shape ("auto" resolution).
+
+    ``batch_heads`` is batch x heads (sizes the score matrix); ``hopper``: the GPU has
+    compute capability >= 9.0 (cuDNN's head-size limit 256, else 128).
+    """
     if q_len * k_len <= _SMALL_SCORES or k_len <= _SHORT_KEYS:
         return "naive"
-    dtype = jnp.dtype(dtype)
-    if backend == "gpu" or backend == "cuda":
-        if dtype in (jnp.bfloat16, jnp.float16) and head_dim <= 256 and head_dim % 8 == 0:
+    if backend in ("gpu", "cuda", "rocm"):
+        if backend != "rocm" and cudnn_unsupported(dtype, head_dim, hopper) is None:
             return "cudnn"
-        return "blocked"
+        score_bytes = batch_heads * q_len * k_len * 4  # float32 scores
+        return "xla" if score_bytes <= _GPU_XLA_SCORE_BYTES else "blocked"
     if backend == "tpu" and not causal:
         return "pallas"
     return "blocked"
+
+
+def _is_hopper_or_later() -> bool:
+    """Whether the first GPU has compute capability >= 9.0 (False when unknown)."""
+    capability = getattr(jax.devices()[0], "compute_capability", None)
+    try:
+        return tuple(int(x) for x in str(capability).split(".")[:2]) >= (9, 0)
+    except ValueError:
+        return False
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False,
@@ -60,8 +111,15 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False,
     _, q_len, _, head_dim = q.shape
     k_len = k.shape[1]
     if implementation == "auto":
-        implementation = choose_implementation(jax.default_backend(), q.dtype, q_len, k_len,
-                                               head_dim, causal)
+        backend = jax.default_backend()
+        implementation = choose_implementation(
+            backend, q.dtype, q_len, k_len, head_dim, causal, batch_heads=q.shape[0] * q.shape[2],
+            hopper=backend == "gpu" and _is_hopper_or_later())
+    elif implementation == "cudnn" and not upcast:
+        hopper = jax.default_backend() != "gpu" or _is_hopper_or_later()
+        reason = cudnn_unsupported(q.dtype, head_dim, hopper)
+        if reason:
+            raise ValueError(f"attention implementation 'cudnn': {reason}; use 'xla' or 'blocked'")
     if upcast and implementation in ("cudnn", "pallas"):
         implementation = "blocked"
     if causal and implementation in ("blocked", "pallas"):
@@ -269,17 +327,31 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 def _pallas_tpu(q, k, v) -> jax.Array:
-    """Pallas flash attention on TPU; head size and lengths padded to the kernel's tiles."""
-    from jax.experimental.pallas.ops.tpu import flash_attention as fa  # TPU only
+    """Pallas flash attention on TPU; head size and lengths padded to the kernel's tiles.
 
-    q_len, k_len, head_dim = q.shape[1], k.shape[1], q.shape[-1]
+    Padded keys get segment id 0 and every query segment id 1, so no query attends to
+    them; the kernel builds that mask per tile, never a (B, H, Lq, Lk) array. Padded
+    query rows attend to the real keys (no row is empty, so no NaN reaches the
+    backward) and are sliced off. Zero-padded head columns add nothing to q.k and
+    give zero output columns, also sliced off; the scale is the unpadded 1/sqrt(D).
+    """
+    from jax.experimental.pallas.ops.tpu import flash_attention as fa  # TPU (or interpret mode)
+
+    batch, q_len, _, head_dim = q.shape
+    k_len = k.shape[1]
     scale = 1.0 / math.sqrt(head_dim)
     # (B, L, H, D) -> (B, H, L, D), padded: head size to 128, lengths to 128.
     qt, kt, vt = (_pad_to(_pad_to(x.transpose(0, 2, 1, 3), 3, 128), 2, 128) for x in (q, k, v))
-    bias = None
-    if kt.shape[2] != k_len:
-        valid = jnp.arange(kt.shape[2]) < k_len
-        bias = jnp.broadcast_to(jnp.where(valid, 0.0, -1e9).astype(jnp.float32),
-                                (qt.shape[0], qt.shape[1], qt.shape[2], kt.shape[2]))
-    out = fa.flash_attention(qt, kt, vt, ab=bias, sm_scale=scale)
-    return out[:, :, :q_len, :head_dim].transpose(0, 2, 1, 3)
+    q_pad, k_pad = qt.shape[2], kt.shape[2]
+    segment_ids = None
+    if k_pad != k_len:
+        kv_ids = (jnp.arange(k_pad) < k_len).astype(jnp.int32)  # (Lk',) 1 = real key, 0 = padding
+        segment_ids = fa.SegmentIds(q=jnp.ones((batch, q_pad), jnp.int32),
+                                    kv=jnp.broadcast_to(kv_ids, (batch, k_pad)))  # (B, Lq'), (B, Lk')
+    bq = next(b for b in _TPU_BLOCKS if q_pad % b == 0)
+    bk = next(b for b in _TPU_BLOCKS if k_pad % b == 0)
+    blocks = fa.BlockSizes(block_q=bq, block_k_major=bk, block_k=bk, block_b=1,
+                           block_q_major_dkv=bq, block_k_major_dkv=bk, block_k_dkv=bk, block_q_dkv=bq,
+                           block_k_major_dq=bk, block_k_dq=bk, block_q_dq=bq)
+    out = fa.flash_attention(qt, kt, vt, segment_ids=segment_ids, sm_scale=scale, block_sizes=blocks)
+    return out[:, :, :q_len, :head_dim].transpose(0, 2, 1, 3)  # (B, Lq, H, D)
