@@ -66,7 +66,7 @@ MAX_FREQ_SHIFT = 1000.0              # UNet time embedding shift: 0 or 1
 
 # ----------------------------------------------------------------------- noise schedules
 MAX_TRAIN_TIMESTEPS = 100_000        # 1000 in every SD
-MAX_SIGMA = 1e6                      # largest σ_t = sqrt((1 - ᾱ_t) / ᾱ_t): 14.6 (SD), 2e4 (cosine)
+MAX_SIGMA = 1e8                      # largest σ_t = sqrt((1 - ᾱ_t) / ᾱ_t): 14.6 (SD), 2e4 (cosine, T=1000)
 
 # ------------------------------------------------------------------ Dreambooth run config
 MAX_TRAIN_STEPS = 2**31 - 1          # the optimizer's update count is an int32

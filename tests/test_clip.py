@@ -165,7 +165,7 @@ def test_config_from_transformers():
 @pytest.mark.parametrize("bad, match", [
     ({"hidden_act": "relu"}, "'relu'"),
     ({"hidden_size": 30, "num_attention_heads": 4}, "30 is not divisible by num_attention_heads 4"),
-    ({"num_hidden_layers": 0}, "num_hidden_layers must be a positive integer, got 0"),
+    ({"num_hidden_layers": 0}, r"num_hidden_layers=0 is not valid; expected an integer in \[1, 128\]"),
     ({"layer_norm_eps": -1.0}, "-1.0"),
     ({"model_type": "t5"}, "'t5'"),
 ])

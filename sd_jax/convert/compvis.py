@@ -33,6 +33,7 @@ import numpy as np
 
 from sd_jax.convert.core import WeightMismatchError, _listing
 from sd_jax.convert.files import read_weight_file
+from sd_jax.limits import short
 from sd_jax.models.clip import CLIPTextConfig
 from sd_jax.models.unet import UNetConfig
 from sd_jax.models.vae import VAEConfig
@@ -581,18 +582,27 @@ def configs_from_ldm_yaml(data: Mapping[str, Any], where: Any = "the YAML config
             node = node[key]
         return node
 
+    def sizes(node: Any, key: str) -> Any:
+        """A size or list of sizes that is multiplied or divided by: checked first (320 * "3e8" is a string)."""
+        value = get(node, key)
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if not 1 <= len(values) <= 64 or any(isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 1 << 16
+                                             for v in values):
+            raise ValueError(f"{where}: {key}={short(value)} is not valid; expected positive integers up to 65536")
+        return value
+
     params = get(data, "model", "params")
     if "network_config" in params or "conditioner_config" in params:
         raise _unsupported(where, "an SDXL-style (sgm) config with network_config/conditioner_config")
     unet_p = get(params, "unet_config", "params")
     if not unet_p.get("use_spatial_transformer", True) or unet_p.get("num_classes") is not None:
         raise _unsupported(where, "a UNet config without cross-attention or with class conditioning")
-    mults = list(get(unet_p, "channel_mult"))
-    channels = tuple(get(unet_p, "model_channels") * m for m in mults)
+    mults = list(sizes(unet_p, "channel_mult"))
+    channels = tuple(sizes(unet_p, "model_channels") * m for m in mults)
     resolutions = list(get(unet_p, "attention_resolutions"))
     attends = [2 ** i in resolutions for i in range(len(mults))]
     heads = unet_p.get("num_heads", -1)
-    heads = (tuple(c // get(unet_p, "num_head_channels") for c in channels) if heads in (-1, None) else heads)
+    heads = (tuple(c // sizes(unet_p, "num_head_channels") for c in channels) if heads in (-1, None) else heads)
     context = get(unet_p, "context_dim")
     res = get(unet_p, "num_res_blocks")
     depth = unet_p.get("transformer_depth", 1)
@@ -613,7 +623,7 @@ def configs_from_ldm_yaml(data: Mapping[str, Any], where: Any = "the YAML config
         raise _unsupported(where, "a VAE with attention outside its middle block or without double_z")
     if first.get("embed_dim", dd.get("z_channels")) != get(dd, "z_channels"):
         raise _unsupported(where, "a VAE whose embed_dim differs from z_channels")
-    vae_channels = tuple(get(dd, "ch") * m for m in get(dd, "ch_mult"))
+    vae_channels = tuple(sizes(dd, "ch") * m for m in sizes(dd, "ch_mult"))
     vae = VAEConfig(in_channels=get(dd, "in_channels"), out_channels=get(dd, "out_ch"),
                     block_out_channels=vae_channels, layers_per_block=get(dd, "num_res_blocks"),
                     latent_channels=get(dd, "z_channels"),

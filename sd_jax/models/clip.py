@@ -23,6 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from sd_jax import limits
 from sd_jax.models.attention import IMPLEMENTATIONS, attention
 from sd_jax.models.layers import LayerNorm
 
@@ -61,25 +62,23 @@ class CLIPTextConfig:
     # range-checked because real config.json files carry legacy values (eos 2).
 
     def __post_init__(self):
-        for name in ("vocab_size", "max_position_embeddings", "hidden_size", "num_hidden_layers",
-                     "num_attention_heads", "intermediate_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"CLIPTextConfig.{name} must be a positive integer, got {value!r}")
+        # Sizes within sd_jax.limits.CLIP_TEXT, checked before anything is built from them.
+        for name, high in limits.CLIP_TEXT.items():
+            limits.check_int("CLIPTextConfig", name, getattr(self, name), 1, high)
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"CLIPTextConfig.hidden_size {self.hidden_size} is not divisible by "
                              f"num_attention_heads {self.num_attention_heads}")
         if self.hidden_act not in ACTIVATIONS:
-            raise ValueError(f"CLIPTextConfig.hidden_act {self.hidden_act!r} is not supported; "
+            raise ValueError(f"CLIPTextConfig.hidden_act {limits.short(self.hidden_act)} is not supported; "
                              f"expected one of {ACTIVATIONS}")
-        if not (isinstance(self.layer_norm_eps, (int, float)) and self.layer_norm_eps > 0):
-            raise ValueError(f"CLIPTextConfig.layer_norm_eps must be > 0, got {self.layer_norm_eps!r}")
+        limits.check_number("CLIPTextConfig", "layer_norm_eps", self.layer_norm_eps, 0.0, limits.MAX_NORM_EPS,
+                            low_open=True)
         for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                       or value < 0):
                 raise ValueError(f"CLIPTextConfig.{name} must be a non-negative int or None, "
-                                 f"got {value!r}")
+                                 f"got {limits.short(value)}")
 
     @property
     def head_dim(self) -> int:

@@ -12,6 +12,7 @@ Shapes: images and feature maps are (B, H, W, C); token sequences (B, L, C).
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -19,6 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from sd_jax import limits
 from sd_jax.models.layers import (Downsample, GroupNorm, ResnetBlock, TimestepEmbedding, Upsample,
                                   conv3x3, timestep_embedding)
 from sd_jax.models.unet_blocks import Transformer2D
@@ -105,16 +107,19 @@ class UNetConfig:
 
     # -- validation ---------------------------------------------------------------------------
     def _validate(self) -> None:
+        """Types, consistency, and sizes within ``sd_jax.limits.UNET``, before anything is built."""
         def bad(name, value, valid):
-            raise ValueError(f"UNetConfig.{name}={value!r} is not valid; expected {valid}")
+            raise ValueError(f"UNetConfig.{name}={limits.short(value)} is not valid; expected {valid}")
 
         def positive_int(name, value):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                bad(name, value, "a positive integer")
+            high = limits.UNET[name]
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high:
+                bad(name, value, f"an integer in [1, {high}]")
 
         n = len(self.block_out_channels) if isinstance(self.block_out_channels, tuple) else 0
-        if n == 0:
-            bad("block_out_channels", self.block_out_channels, "a non-empty tuple of channel counts")
+        if not 1 <= n <= limits.UNET["blocks"]:
+            bad("block_out_channels", self.block_out_channels,
+                f"a tuple of 1 to {limits.UNET['blocks']} channel counts")
         for c in self.block_out_channels:
             positive_int("block_out_channels", c)
         for name, valid in (("down_block_types", DOWN_BLOCK_TYPES), ("up_block_types", UP_BLOCK_TYPES)):
@@ -154,12 +159,18 @@ class UNetConfig:
                     f"at most block_out_channels[{i}]={c} heads in block {i}")
         if self.downsample_padding not in (0, 1) or isinstance(self.downsample_padding, bool):
             bad("downsample_padding", self.downsample_padding, "0 or 1")
-        if not 0.0 <= self.dropout < 1.0:
+        if not (_is_number(self.dropout) and 0.0 <= self.dropout < 1.0):
             bad("dropout", self.dropout, "a probability in [0, 1)")
-        if not self.norm_eps > 0:
-            bad("norm_eps", self.norm_eps, "a positive number")
+        limits.check_number("UNetConfig", "norm_eps", self.norm_eps, 0.0, limits.MAX_NORM_EPS, low_open=True)
+        limits.check_number("UNetConfig", "freq_shift", self.freq_shift, -limits.MAX_FREQ_SHIFT, limits.MAX_FREQ_SHIFT)
         if self.time_embedding_dim is not None:
             positive_int("time_embedding_dim", self.time_embedding_dim)
+        if self.sample_size is not None:
+            size = self.sample_size if isinstance(self.sample_size, tuple) else (self.sample_size,)
+            if len(size) not in (1, 2):
+                bad("sample_size", self.sample_size, "an integer, a (height, width) pair or None")
+            for v in size:
+                positive_int("sample_size", v)
         for name in ("use_linear_projection", "upcast_attention", "center_input_sample", "flip_sin_to_cos"):
             if not isinstance(getattr(self, name), bool):
                 bad(name, getattr(self, name), "True or False")
@@ -180,19 +191,24 @@ class UNetConfig:
             if key in _DIFFUSERS_FIXED:
                 allowed = _DIFFUSERS_FIXED[key]
                 if not any(_same_value(value, a) for a in allowed):
-                    problems.append(f"{key}={value!r} (sd_jax supports {' or '.join(map(repr, allowed))})")
+                    problems.append(f"{limits.clip(key, 40)}={limits.short(value)} "
+                                    f"(sd_jax supports {' or '.join(map(repr, allowed))})")
             else:
-                problems.append(f"{key}={value!r} (unknown key; sd_jax reads {sorted(_DIFFUSERS_READ)})")
+                problems.append(f"{limits.clip(key, 40)}={limits.short(value)} (unknown key; sd_jax reads "
+                                f"{sorted(_DIFFUSERS_READ)})")
         if problems:
+            more = [f"... and {len(problems) - 10} more"] if len(problems) > 10 else []
             raise ValueError("unsupported UNet configuration (SD 1.x/2.x UNet2DConditionModel only):\n  "
-                             + "\n  ".join(problems))
+                             + "\n  ".join(problems[:10] + more))
         get = lambda key: config.get(key, _DIFFUSERS_READ[key])
         heads = get("num_attention_heads")
         heads = get("attention_head_dim") if heads is None else heads  # legacy name: it is the head count
-        block_types = lambda key: tuple(t.removeprefix("UNetRes") for t in get(key))  # diffusers' alias
+        block_types = lambda key: _tuple_or_scalar(  # diffusers' alias names
+            [t.removeprefix("UNetRes") if isinstance(t, str) else t for t in get(key)]
+            if isinstance(get(key), (list, tuple)) else get(key))
         return cls(
             in_channels=get("in_channels"), out_channels=get("out_channels"),
-            block_out_channels=tuple(get("block_out_channels")),
+            block_out_channels=_tuple_or_scalar(get("block_out_channels")),
             down_block_types=block_types("down_block_types"), up_block_types=block_types("up_block_types"),
             layers_per_block=_tuple_or_scalar(get("layers_per_block")),
             num_attention_heads=_tuple_or_scalar(heads),
@@ -201,9 +217,9 @@ class UNetConfig:
             only_cross_attention=_tuple_or_scalar(get("only_cross_attention")),
             use_linear_projection=get("use_linear_projection"), upcast_attention=get("upcast_attention"),
             center_input_sample=get("center_input_sample"), flip_sin_to_cos=get("flip_sin_to_cos"),
-            freq_shift=float(get("freq_shift")),
-            norm_num_groups=get("norm_num_groups"), norm_eps=float(get("norm_eps")),
-            downsample_padding=get("downsample_padding"), dropout=float(get("dropout")),
+            freq_shift=_float(get("freq_shift")),
+            norm_num_groups=get("norm_num_groups"), norm_eps=_float(get("norm_eps")),
+            downsample_padding=get("downsample_padding"), dropout=_float(get("dropout")),
             time_embedding_dim=get("time_embedding_dim"),
             sample_size=_tuple_or_scalar(get("sample_size")),
         )
@@ -219,6 +235,16 @@ class UNetConfig:
         return out
 
 
+def _is_number(value) -> bool:
+    """A finite int or float (not a bool)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _float(value):
+    """An int read from JSON as the float it stands for; anything else as it is (validated later)."""
+    return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
 def _same_value(value, allowed) -> bool:
     """``value == allowed`` without True == 1 or 0 == False slipping through."""
     if allowed is None or isinstance(allowed, bool):
@@ -229,8 +255,8 @@ def _same_value(value, allowed) -> bool:
 def _one_value(key, value):
     """A per-block list whose entries are all equal -> that value (one text encoder feeds all blocks)."""
     if isinstance(value, (list, tuple)):
-        if len(set(value)) != 1:
-            raise ValueError(f"unsupported UNet configuration: {key}={value!r} (sd_jax supports one "
+        if not value or any(v != value[0] for v in value):
+            raise ValueError(f"unsupported UNet configuration: {key}={limits.short(value)} (sd_jax supports one "
                              f"value for all blocks)")
         return value[0]
     return value

@@ -12,6 +12,13 @@ Module names mirror diffusers' (``encoder/down_blocks_0/resnets_1/conv1``), so
 The mid blocks are resnet -> single-head self-attention over the H*W tokens
 -> resnet. GroupNorms and the attention softmax run in float32 whatever the
 compute ``dtype``; ``encode`` and ``decode`` return float32.
+
+float16: the decoder's residual stream (and the encoder's) outgrows float16's
+largest value, 65504, for ordinary SD latents, and one inf turns the image into
+NaN (a black image). So with ``dtype=float16`` and ``force_upcast`` (the default,
+diffusers' ``force_upcast``, true in every SD v1 VAE config) encoder and decoder
+compute in float32 from the float16-stored weights. bfloat16 has float32's
+range (8 exponent bits) and is kept.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from sd_jax import limits
 from sd_jax.models.attention import IMPLEMENTATIONS
 from sd_jax.models.layers import Attention, Downsample, GroupNorm, ResnetBlock, Upsample, conv1x1, conv3x3
 
@@ -54,35 +62,38 @@ class VAEConfig:
     sample_size: int | tuple[int, int] = 512  # informational (diffusers' tiling default)
 
     def __post_init__(self):
+        """Types, and sizes within ``sd_jax.limits.VAE``, checked before anything is built."""
+        short = limits.short
         if not isinstance(self.block_out_channels, (list, tuple)):
-            raise ValueError(f"VAEConfig.block_out_channels={self.block_out_channels!r}: must be a list of "
+            raise ValueError(f"VAEConfig.block_out_channels={short(self.block_out_channels)}: must be a list of "
                              "channel counts, e.g. (128, 256, 512, 512)")
         object.__setattr__(self, "block_out_channels", tuple(self.block_out_channels))
         if isinstance(self.sample_size, list):
             object.__setattr__(self, "sample_size", tuple(self.sample_size))
         size = self.sample_size if isinstance(self.sample_size, tuple) else (self.sample_size,)
-        if len(size) not in (1, 2) or not all(isinstance(s, int) and s > 0 for s in size):
-            raise ValueError(f"VAEConfig.sample_size={self.sample_size!r}: must be a positive integer "
+        if len(size) not in (1, 2):
+            raise ValueError(f"VAEConfig.sample_size={short(self.sample_size)}: must be a positive integer "
                              "or a (height, width) pair")
+        for s in size:
+            limits.check_int("VAEConfig", "sample_size", s, 1, limits.VAE["sample_size"])
         for key in ("in_channels", "out_channels", "latent_channels", "norm_num_groups", "layers_per_block"):
-            value = getattr(self, key)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"VAEConfig.{key}={value!r}: must be a positive integer")
-        if not self.block_out_channels or not all(
-                isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in self.block_out_channels):
-            raise ValueError(f"VAEConfig.block_out_channels={self.block_out_channels!r}: must be a non-empty "
-                             "tuple of positive integers, e.g. (128, 256, 512, 512)")
+            limits.check_int("VAEConfig", key, getattr(self, key), 1, limits.VAE[key])
+        if not 1 <= len(self.block_out_channels) <= limits.VAE["blocks"]:
+            raise ValueError(f"VAEConfig.block_out_channels={short(self.block_out_channels)}: must hold 1 to "
+                             f"{limits.VAE['blocks']} channel counts, e.g. (128, 256, 512, 512)")
+        for c in self.block_out_channels:
+            limits.check_int("VAEConfig", "block_out_channels", c, 1, limits.VAE["block_out_channels"])
         bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
         if bad:
-            raise ValueError(f"VAEConfig.block_out_channels={self.block_out_channels!r}: channels {bad} are not "
-                             f"divisible by norm_num_groups={self.norm_num_groups}")
-        for key in ("norm_eps", "scaling_factor"):
-            value = getattr(self, key)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"VAEConfig.{key}={value!r}: must be a positive number")
+            raise ValueError(f"VAEConfig.block_out_channels={short(self.block_out_channels)}: channels {bad} are "
+                             f"not divisible by norm_num_groups={self.norm_num_groups}")
+        limits.check_number("VAEConfig", "norm_eps", self.norm_eps, 0.0, limits.MAX_NORM_EPS, low_open=True)
+        # NaN or inf here would make every latent non-finite: black images (SD: 0.18215, SDXL: 0.13025).
+        limits.check_number("VAEConfig", "scaling_factor", self.scaling_factor, 0.0, limits.MAX_SCALING_FACTOR,
+                            low_open=True)
         for key in ("mid_block_add_attention", "use_quant_conv", "use_post_quant_conv"):
             if not isinstance(getattr(self, key), bool):
-                raise ValueError(f"VAEConfig.{key}={getattr(self, key)!r}: must be true or false")
+                raise ValueError(f"VAEConfig.{key}={short(getattr(self, key))}: must be true or false")
 
     @property
     def downsample_factor(self) -> int:
@@ -100,11 +111,12 @@ class VAEConfig:
         config = dict(config)
         class_name = config.get("_class_name", "AutoencoderKL")
         if class_name != "AutoencoderKL":
-            raise ValueError(f"VAE config: _class_name={class_name!r} is not supported; "
+            raise ValueError(f"VAE config: _class_name={limits.short(class_name)} is not supported; "
                              "sd_jax implements 'AutoencoderKL' only")
         channels = config.get("block_out_channels", cls.block_out_channels)
         if not isinstance(channels, (list, tuple)):
-            raise ValueError(f"VAE config: block_out_channels={channels!r} must be a list, e.g. [128, 256, 512, 512]")
+            raise ValueError(f"VAE config: block_out_channels={limits.short(channels)} must be a list, "
+                             "e.g. [128, 256, 512, 512]")
         n_levels = len(channels)
         expected = {
             "down_block_types": ("DownEncoderBlock2D", "a list of 'DownEncoderBlock2D', one per block_out_channels"),
@@ -113,15 +125,15 @@ class VAEConfig:
         for key, (block, what) in expected.items():
             value = config.pop(key, [block] * n_levels)
             if not isinstance(value, (list, tuple)) or list(value) != [block] * n_levels:
-                raise ValueError(f"VAE config: {key}={value!r} is not supported; expected {what} "
+                raise ValueError(f"VAE config: {key}={limits.short(value)} is not supported; expected {what} "
                                  f"({n_levels} entries)")
         act_fn = config.pop("act_fn", "silu")
         if act_fn != "silu":
-            raise ValueError(f"VAE config: act_fn={act_fn!r} is not supported; only 'silu' is")
+            raise ValueError(f"VAE config: act_fn={limits.short(act_fn)} is not supported; only 'silu' is")
         for key in ("shift_factor", "latents_mean", "latents_std"):
             value = config.pop(key, None)
             if value is not None:
-                raise ValueError(f"VAE config: {key}={value!r} is not supported; SD v1 VAEs have "
+                raise ValueError(f"VAE config: {key}={limits.short(value)} is not supported; SD v1 VAEs have "
                                  f"{key}=null (only the scaling_factor is applied to latents)")
         fields = {f.name for f in dataclasses.fields(cls)} - {"norm_eps"}
         kwargs, unknown = {}, []
@@ -131,8 +143,8 @@ class VAEConfig:
             elif key not in _INFORMATIONAL_KEYS:
                 unknown.append(key)
         if unknown:
-            raise ValueError(f"VAE config: unsupported keys {sorted(unknown)} "
-                             f"(values {[config[k] for k in sorted(unknown)]!r}); supported keys are "
+            raise ValueError(f"VAE config: unsupported keys {limits.short(sorted(unknown), 200)} "
+                             f"(values {limits.short([config[k] for k in sorted(unknown)])}); supported keys are "
                              f"{sorted(fields | set(expected) | {'act_fn'})} plus informational "
                              f"{sorted(_INFORMATIONAL_KEYS)}")
         return cls(**kwargs)
@@ -297,9 +309,17 @@ class AutoencoderKL(nn.Module):
     param_dtype: Dtype = jnp.float32
     remat: bool = False
     attention: str = "auto"           # sd_jax.models.attention implementation for the mid blocks
+    force_upcast: bool = True         # float16 compute runs in float32 (see the module docstring)
+
+    @property
+    def compute_dtype(self) -> Dtype:
+        """The dtype encoder and decoder compute in: ``dtype``, or float32 for an upcast float16."""
+        if self.force_upcast and jnp.dtype(self.dtype) == jnp.dtype(jnp.float16):
+            return jnp.float32
+        return self.dtype
 
     def setup(self):
-        cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        cfg, kw = self.config, dict(dtype=self.compute_dtype, param_dtype=self.param_dtype)
         if self.attention not in IMPLEMENTATIONS:
             raise ValueError(f"AutoencoderKL.attention={self.attention!r} is not one of {IMPLEMENTATIONS}")
         self.encoder = Encoder(cfg, self.remat, self.attention, **kw)
@@ -321,7 +341,7 @@ class AutoencoderKL(nn.Module):
     def encode(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         """(B, H, W, 3) image in [-1, 1] -> float32 (mean, logvar), each (B, H/8, W/8, 4)."""
         self._check(x, self.config.in_channels, "encode", self.config.downsample_factor)
-        moments = self.encoder(x.astype(self.dtype))
+        moments = self.encoder(x.astype(self.compute_dtype))
         if self.config.use_quant_conv:
             moments = self.quant_conv(moments)
         mean, logvar = jnp.split(moments.astype(jnp.float32), 2, axis=-1)  # (B, h, w, latent) each
@@ -330,7 +350,7 @@ class AutoencoderKL(nn.Module):
     def decode(self, z: jax.Array) -> jax.Array:
         """(B, h, w, 4) unscaled latent -> float32 (B, 8h, 8w, 3) image (about [-1, 1], not clipped)."""
         self._check(z, self.config.latent_channels, "decode")
-        z = z.astype(self.dtype)
+        z = z.astype(self.compute_dtype)
         if self.config.use_post_quant_conv:
             z = self.post_quant_conv(z)
         return self.decoder(z).astype(jnp.float32)

@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sd_jax import limits
+
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 TIMESTEP_SPACINGS = ("leading", "linspace", "trailing")
@@ -62,9 +64,16 @@ _DIFFUSERS_DEFAULTS = {
 }
 
 
+def _is_number(value: Any) -> bool:
+    """A finite int or float (numpy's too), not a bool."""
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_)) \
+        and math.isfinite(value)
+
+
 def _choice(name: str, value: Any, valid: tuple) -> None:
     if value not in valid:
-        raise ValueError(f"{name}={value!r} is not supported; valid choices: {', '.join(map(repr, valid))}")
+        raise ValueError(f"{name}={limits.short(value)} is not supported; valid choices: "
+                         f"{', '.join(map(repr, valid))}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,35 +103,45 @@ class NoiseScheduleConfig:
     class_name: str | None = None  # diffusers `_class_name` of the model folder's scheduler
 
     def __post_init__(self):
-        if not isinstance(self.num_train_timesteps, int) or self.num_train_timesteps < 2:
-            raise ValueError(f"num_train_timesteps={self.num_train_timesteps!r} must be an int >= 2")
+        # Sizes within sd_jax.limits, checked before any array is made; then the schedule itself.
+        T = self.num_train_timesteps
+        limits.check_int("NoiseScheduleConfig", "num_train_timesteps", T, 2, limits.MAX_TRAIN_TIMESTEPS)
         if self.trained_betas is not None:
-            betas = tuple(float(b) for b in self.trained_betas)
-            object.__setattr__(self, "trained_betas", betas)
-            if len(betas) != self.num_train_timesteps:
-                raise ValueError(
-                    f"trained_betas has {len(betas)} values but num_train_timesteps={self.num_train_timesteps}"
-                )
-            if not all(0.0 < b < 1.0 for b in betas):
-                raise ValueError("trained_betas must all lie in (0, 1)")
+            if not isinstance(self.trained_betas, (list, tuple, np.ndarray)) or len(self.trained_betas) != T:
+                raise ValueError(f"trained_betas={limits.short(self.trained_betas)} must be a list of "
+                                 f"num_train_timesteps={T} values")
+            if not all(_is_number(b) and 0.0 < b < 1.0 for b in self.trained_betas):
+                raise ValueError(f"trained_betas={limits.short(self.trained_betas)}: values must all lie in (0, 1)")
+            object.__setattr__(self, "trained_betas", tuple(float(b) for b in self.trained_betas))
         else:
             _choice("beta_schedule", self.beta_schedule, BETA_SCHEDULES)
-            if self.beta_schedule != "squaredcos_cap_v2" and not (0.0 < self.beta_start <= self.beta_end < 1.0):
-                raise ValueError(
-                    f"beta_start={self.beta_start!r}, beta_end={self.beta_end!r}: need 0 < beta_start <= beta_end < 1"
-                )
+            if self.beta_schedule != "squaredcos_cap_v2" and not (
+                    _is_number(self.beta_start) and _is_number(self.beta_end)
+                    and 0.0 < self.beta_start <= self.beta_end < 1.0):
+                raise ValueError(f"beta_start={limits.short(self.beta_start)}, beta_end={limits.short(self.beta_end)}:"
+                                 " need 0 < beta_start <= beta_end < 1")
         _choice("prediction_type", self.prediction_type, PREDICTION_TYPES)
         if self.timestep_spacing is not None:
             _choice("timestep_spacing", self.timestep_spacing, TIMESTEP_SPACINGS + (None,))
-        if not isinstance(self.steps_offset, int) or self.steps_offset < 0:
-            raise ValueError(f"steps_offset={self.steps_offset!r} must be an int >= 0")
-        if not self.clip_sample_range > 0:
-            raise ValueError(f"clip_sample_range={self.clip_sample_range!r} must be > 0")
+        limits.check_int("NoiseScheduleConfig", "steps_offset", self.steps_offset, 0, T)
+        limits.check_number("NoiseScheduleConfig", "clip_sample_range", self.clip_sample_range, 0.0, 1e6,
+                            low_open=True)
         for name in ("set_alpha_to_one", "skip_prk_steps", "clip_sample"):
             if getattr(self, name) not in (True, False, None):
-                raise ValueError(f"{name}={getattr(self, name)!r} must be True, False or None")
+                raise ValueError(f"{name}={limits.short(getattr(self, name))} must be True, False or None")
         if self.use_karras_sigmas not in (True, False):
-            raise ValueError(f"use_karras_sigmas={self.use_karras_sigmas!r} must be True or False")
+            raise ValueError(f"use_karras_sigmas={limits.short(self.use_karras_sigmas)} must be True or False")
+        # A schedule whose last ᾱ_t underflows (e.g. num_train_timesteps=3e8 with SD's betas) makes σ
+        # infinite and every image black; refuse it here, with the numbers.
+        last = float(alphas_cumprod(self)[-1])
+        sigma_max = math.sqrt((1.0 - last) / last) if last > 0 else math.inf
+        if not sigma_max <= limits.MAX_SIGMA:
+            betas = "trained_betas" if self.trained_betas is not None else \
+                f"beta_schedule={self.beta_schedule!r}, beta_end={self.beta_end:g}"
+            raise ValueError(f"num_train_timesteps={T} with {betas}: the last ᾱ_t is {last:.3g} "
+                             f"(σ_max {sigma_max:.3g}), past float32 "
+                             f"sampling's limit σ_max <= {limits.MAX_SIGMA:g} (SD v1: σ_max 14.6); use fewer "
+                             "timesteps or smaller betas")
 
     @classmethod
     def sd_v1(cls) -> "NoiseScheduleConfig":
@@ -139,7 +158,7 @@ class NoiseScheduleConfig:
         for key, allowed in _ONLY_DEFAULT.items():
             if key in config and config[key] not in allowed:
                 raise ValueError(
-                    f"scheduler config {key}={config[key]!r} is not supported by sd_jax "
+                    f"scheduler config {key}={limits.short(config[key])} is not supported by sd_jax "
                     f"(supported: {', '.join(map(repr, allowed))})"
                 )
         kwargs = {k: config.get(k, default) for k, default in _DIFFUSERS_DEFAULTS.items()}
@@ -196,7 +215,7 @@ def train_sigmas64(config: NoiseScheduleConfig) -> np.ndarray:
 
 def check_num_inference_steps(config: NoiseScheduleConfig, num_inference_steps: Any) -> int:
     if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, (int, np.integer)):
-        raise ValueError(f"num_inference_steps={num_inference_steps!r} must be an int")
+        raise ValueError(f"num_inference_steps={limits.short(num_inference_steps)} must be an int")
     n = int(num_inference_steps)
     if not 1 <= n <= config.num_train_timesteps:
         raise ValueError(
