@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from sd_jax.convert import limits
 from sd_jax.convert.core import WeightMismatchError, _listing
 from sd_jax.convert.files import read_weight_file
 from sd_jax.limits import short
@@ -187,7 +188,8 @@ def rename_keys(state: Mapping[str, np.ndarray], table: list[tuple[str, str, str
         if new is None:
             unknown.append(key)
         elif new in out:
-            raise WeightMismatchError(f"the {what} weights name {new!r} twice (one of them as {key!r})")
+            raise WeightMismatchError(f"the {what} weights name {limits.short(new)} twice "
+                                      f"(one of them as {limits.short(key)})")
         else:
             out[new] = _relayout(value, new, to_diffusers) if what == "VAE" else value
     if unknown:
@@ -239,7 +241,7 @@ def clip_from_compvis(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         name = key[len(CLIP_PREFIX):]
         name = name[len("text_model."):] if name.startswith("text_model.") else name
         if name in out:
-            raise WeightMismatchError(f"the text encoder has {name!r} both with and without 'text_model.'")
+            raise WeightMismatchError(f"the text encoder has {limits.short(name)} both with and without 'text_model.'")
         out[name] = value
     return out
 
@@ -639,7 +641,8 @@ def configs_from_ldm_yaml(data: Mapping[str, Any], where: Any = "the YAML config
         raise _unsupported(where, f"text encoder {target} (sd_jax has CLIP ViT-L/14 and OpenCLIP ViT-H/14)")
     schedule = params.get("beta_schedule", "linear")
     if schedule != "linear":
-        raise _unsupported(where, f"beta_schedule {schedule!r} (SD uses ldm's 'linear', diffusers' scaled_linear)")
+        raise _unsupported(where, f"beta_schedule {limits.short(schedule)} (SD uses ldm's 'linear', "
+                                  "diffusers' scaled_linear)")
     scheduler = {**SD_V1_SCHEDULER, "beta_start": float(params.get("linear_start", 0.0001)),
                  "beta_end": float(params.get("linear_end", 0.02)),
                  "num_train_timesteps": int(params.get("timesteps", 1000)),
@@ -677,14 +680,19 @@ def read_config_override(config: str | Path) -> tuple[Architecture, Path | None]
     if path.is_file() and path.suffix.lower() in (".yaml", ".yml"):
         import yaml
 
+        size = path.stat().st_size
+        if size > limits.MAX_YAML_BYTES:
+            raise limits.InputLimitError(f"{path} is {size} bytes, over the {limits.MAX_YAML_BYTES}-byte limit for "
+                                         "a model .yaml")
         try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+            data = limits.load_yaml(path.read_text(encoding="utf-8"), path)
         except (yaml.YAMLError, UnicodeDecodeError) as err:
-            raise ValueError(f"{path} is not valid YAML: {err}") from None
+            raise ValueError(f"{path} is not valid YAML: {limits.short_error(err, 300)}") from None
         try:
             return configs_from_ldm_yaml(data, path), None
         except (TypeError, KeyError) as err:
-            raise ValueError(f"{path}: not an ldm model config ({type(err).__name__}: {err})") from None
+            raise ValueError(f"{path}: not an ldm model config "
+                             f"({type(err).__name__}: {limits.short_error(err)})") from None
     raise ValueError(f"config={str(config)!r} must be a diffusers model folder (with unet/, vae/, text_encoder/ "
                      "config.json files) or an original CompVis .yaml such as v1-inference.yaml")
 

@@ -28,6 +28,7 @@ LIST_CONTAINERS = frozenset({
     "transformer_blocks", "layers", "to_out", "net",
 })
 _LEAF_TO_TORCH = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
+ECHO_NAME = 160  # characters of a tensor name shown in a listing
 _INDEXED = re.compile(r"(?P<name>[A-Za-z_]+?)_(?P<index>\d+)")
 
 
@@ -97,7 +98,7 @@ def flax_to_torch_array(array: np.ndarray, leaf: str) -> np.ndarray:
 def _listing(title: str, names: Iterable[str], limit: int = 25) -> str:
     """A bulleted list of at most ``limit`` names with a count of the rest."""
     names = sorted(names)
-    lines = [f"{title} ({len(names)}):"] + [f"  - {n}" for n in names[:limit]]
+    lines = [f"{title} ({len(names)}):"] + [f"  - {n[:ECHO_NAME]}" for n in names[:limit]]
     if len(names) > limit:
         lines.append(f"  ... and {len(names) - limit} more")
     return "\n".join(lines)

@@ -16,7 +16,9 @@ from typing import Any
 
 import numpy as np
 
+from sd_jax.convert import limits
 from sd_jax.convert.files import read_state_dict
+from sd_jax.convert.limits import short_error
 
 WEIGHT_NAMES = {
     "unet": "diffusion_pytorch_model",
@@ -43,13 +45,20 @@ class ModelFolderError(FileNotFoundError):
 
 
 def read_json(path: Path) -> dict[str, Any]:
-    """Read a JSON file, naming the file in any error."""
+    """Read a JSON object from a file (size and nesting bounded), naming the file in any error."""
     if not path.is_file():
         raise ModelFolderError(f"{path} is missing")
+    size = path.stat().st_size
+    if size > limits.MAX_JSON_BYTES:
+        raise limits.InputLimitError(f"{path} is {size} bytes, over the {limits.MAX_JSON_BYTES}-byte limit "
+                                     "for a JSON file")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = limits.load_json(path.read_bytes(), path)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from None
+        raise ValueError(f"{path} is not valid JSON: {short_error(err)}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object ({{...}}), not a {type(data).__name__}")
+    return data
 
 
 def find_weight_files(folder: Path, component: str, variant: str | None = None) -> list[Path]:

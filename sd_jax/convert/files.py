@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sd_jax.convert.limits import short
 from sd_jax.convert.safetensors_io import CheckpointFormatError, load_safetensors, save_safetensors
 from sd_jax.convert.torch_pickle import UnsafeCheckpointError, extract_state_dict, load_torch_checkpoint
 
@@ -104,7 +105,7 @@ def detect_format(path: str | os.PathLike) -> str:
     if p.is_dir():
         raise _fail(path, "is a directory, expected a weight file (a diffusers folder is loaded by the pipeline)")
     if p.suffix.lower() not in VALID_SUFFIXES:
-        raise _fail(path, f"unknown weight-file extension {p.suffix!r}; valid: {', '.join(VALID_SUFFIXES)}")
+        raise _fail(path, f"unknown weight-file extension {short(p.suffix)}; valid: {', '.join(VALID_SUFFIXES)}")
     file_size = p.stat().st_size
     if file_size == 0:
         raise _fail(path, "is empty (0 bytes); the download or copy probably failed")

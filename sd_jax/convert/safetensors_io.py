@@ -24,6 +24,8 @@ from typing import Any, Mapping
 import ml_dtypes
 import numpy as np
 
+from sd_jax.convert.limits import InputLimitError, load_json, short, short_error
+
 # The official library refuses headers above 100 MB; so do we (a hostile length field could
 # otherwise ask us to read gigabytes of "JSON").
 MAX_HEADER_BYTES = 100_000_000
@@ -56,7 +58,7 @@ def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in pairs:
         if key in out:
-            raise ValueError(f"duplicate key {key!r}")
+            raise ValueError(f"duplicate key {short(key)}")
         out[key] = value
     return out
 
@@ -64,9 +66,12 @@ def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 def _parse_header(path: str | os.PathLike, raw: bytes) -> dict[str, Any]:
     """Decode the JSON header bytes into a dict, with clear errors for bad JSON."""
     try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicate_keys)
+        header = load_json(raw, "safetensors header", max_bytes=MAX_HEADER_BYTES,
+                           object_pairs_hook=_reject_duplicate_keys)
+    except InputLimitError as e:
+        raise _fail(path, str(e)) from None
     except (UnicodeDecodeError, ValueError) as e:
-        raise _fail(path, f"safetensors header is not valid UTF-8 JSON ({e})") from None
+        raise _fail(path, f"safetensors header is not valid UTF-8 JSON ({short_error(e)})") from None
     if not isinstance(header, dict):
         raise _fail(path, f"safetensors header must be a JSON object, got {type(header).__name__}")
     return header
@@ -92,29 +97,29 @@ def _check_entry(
     path: str | os.PathLike, name: str, entry: Any, data_size: int
 ) -> tuple[np.dtype, tuple[int, ...], int, int]:
     """Validate one tensor entry of the header; return (dtype, shape, begin, end)."""
-    where = f"tensor {name!r}"
+    where = f"tensor {short(name)}"
     if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
-        raise _fail(path, f"{where}: header entry must have exactly dtype, shape, data_offsets; got {entry!r}")
+        raise _fail(path, f"{where}: header entry must have exactly dtype, shape, data_offsets; got {short(entry)}")
     dtype_name, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
     if dtype_name not in DTYPES:
-        raise _fail(path, f"{where}: dtype {dtype_name!r} is not supported; valid: {', '.join(DTYPES)}")
+        raise _fail(path, f"{where}: dtype {short(dtype_name)} is not supported; valid: {', '.join(DTYPES)}")
     if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
-        raise _fail(path, f"{where}: shape must be a list of non-negative integers, got {shape!r}")
+        raise _fail(path, f"{where}: shape must be a list of non-negative integers, got {short(shape)}")
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):
-        raise _fail(path, f"{where}: data_offsets must be [begin, end] integers, got {offsets!r}")
+        raise _fail(path, f"{where}: data_offsets must be [begin, end] integers, got {short(offsets)}")
     begin, end = offsets
     if not 0 <= begin <= end:
-        raise _fail(path, f"{where}: data_offsets {offsets} must satisfy 0 <= begin <= end")
+        raise _fail(path, f"{where}: data_offsets {short(offsets)} must satisfy 0 <= begin <= end")
     if end > data_size:
         raise _fail(
-            path, f"{where}: data_offsets end {end} is past the end of the data ({data_size} bytes); "
+            path, f"{where}: data_offsets end {short(end)} is past the end of the data ({data_size} bytes); "
             "the file is truncated or its header lies")
     dtype = DTYPES[dtype_name]
     expected = math.prod(shape) * dtype.itemsize
     if end - begin != expected:
         raise _fail(
-            path, f"{where}: data_offsets span {end - begin} bytes but shape {shape} of {dtype_name} "
-            f"needs {expected}")
+            path, f"{where}: data_offsets span {end - begin} bytes but shape {short(shape)} of {dtype_name} "
+            f"needs {short(expected)}")
     return dtype, tuple(shape), begin, end
 
 
@@ -125,7 +130,7 @@ def _check_no_overlap(path: str | os.PathLike, spans: list[tuple[int, int, str]]
         if begin == end:
             continue
         if begin < previous_end:
-            raise _fail(path, f"tensors {previous_name!r} and {name!r} overlap in the data buffer")
+            raise _fail(path, f"tensors {short(previous_name)} and {short(name)} overlap in the data buffer")
         previous_end, previous_name = end, name
 
 
@@ -176,7 +181,7 @@ def _dtype_name(name: str, array: np.ndarray) -> str:
         if array.dtype == dtype or (array.dtype.kind in "fiub" and array.dtype.newbyteorder("<") == dtype):
             return dtype_name
     raise ValueError(
-        f"tensor {name!r} has dtype {array.dtype}, which safetensors cannot store; "
+        f"tensor {short(name)} has dtype {array.dtype}, which safetensors cannot store; "
         "valid: float64, float32, float16, bfloat16, int64, int32, int16, int8, uint8, bool")
 
 
@@ -190,10 +195,10 @@ def _check_tensors(tensors: Mapping[str, np.ndarray]) -> dict[str, tuple[str, np
     for name in tensors:
         array = tensors[name]
         if not isinstance(name, str) or not name or name == "__metadata__":
-            raise ValueError(f"tensor name {name!r} is invalid: names must be non-empty strings "
+            raise ValueError(f"tensor name {short(name)} is invalid: names must be non-empty strings "
                              "other than '__metadata__'")
         if not isinstance(array, (np.ndarray, np.generic)):
-            raise ValueError(f"tensor {name!r} is a {type(array).__name__}, expected a numpy array "
+            raise ValueError(f"tensor {short(name)} is a {type(array).__name__}, expected a numpy array "
                              "(convert with np.asarray)")
         array = np.asarray(array)
         checked[name] = (_dtype_name(name, array), array)
@@ -206,7 +211,7 @@ def _check_write_metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:
     metadata = dict(metadata or {})
     bad = {k: v for k, v in metadata.items() if not (isinstance(k, str) and isinstance(v, str))}
     if bad:
-        raise ValueError(f"safetensors metadata must map str to str; offending entries: {bad!r}")
+        raise ValueError(f"safetensors metadata must map str to str; offending entries: {short(bad)}")
     return metadata
 
 

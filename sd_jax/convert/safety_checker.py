@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from sd_jax.convert.limits import short
 from sd_jax.convert.core import WeightMismatchError, flatten_tree, load_state_dict, unflatten_tree
 from sd_jax.models.safety_checker import BARE_PARAMETERS, TORCH_BUFFERS, TOWER_PREFIX
 
@@ -22,8 +23,8 @@ def normalise_safety_checker_keys(state: Mapping[str, Any]) -> dict[str, Any]:
         if key.startswith("vision_model.") and not key.startswith(TOWER_PREFIX):
             name = TOWER_PREFIX + key[len("vision_model."):]
         if name in out:
-            raise ValueError(f"safety checker state dict has {name!r} in both the transformers 4 "
-                             f"spelling and the transformers 5 one ({key!r})")
+            raise ValueError(f"safety checker state dict has {short(name)} in both the transformers 4 "
+                             f"spelling and the transformers 5 one ({short(key)})")
         out[name] = value
     return out
 

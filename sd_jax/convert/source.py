@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from sd_jax.convert.limits import short_error
 from sd_jax.convert.diffusers import (ModelFolderError, component_folder, read_component_state,
                                       read_json)
 from sd_jax.models.clip import CLIPTextConfig
@@ -44,7 +45,7 @@ def read_config(reader: Any, data: dict[str, Any], where: Path | str) -> Any:
     try:
         return reader(data)
     except (ValueError, TypeError, KeyError) as err:
-        raise ValueError(f"{where}: {err}") from None
+        raise ValueError(f"{where}: {short_error(err, 500)}") from None
 
 
 def read_diffusers_folder(root: Path, variant: str | None = None) -> ModelFiles:
