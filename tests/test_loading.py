@@ -177,3 +177,84 @@ def test_bf16_storage_and_compute(tiny_folder, baseline):
     # bf16 weights and activations: 8 mantissa bits, so a few 1e-2 relative through the whole stack
     # (the per-model bf16 bounds are argued in test_unet/test_vae/test_clip).
     assert np.abs(eps.astype(np.float32) - baseline[1]).max() < 0.1 * max(1, np.abs(baseline[1]).max())
+
+
+# --- sharded weights follow their index exactly (issue 11) -----------------------------------------
+
+_SHARD_1 = "diffusion_pytorch_model-00001-of-00002.safetensors"
+_SHARD_2 = "diffusion_pytorch_model-00002-of-00002.safetensors"
+
+
+def _sharded(tmp_path, shards, weight_map):
+    """A unet/ folder holding the given shards ({file: {name: array}}) and an index with weight_map."""
+    folder = tmp_path / "unet"
+    folder.mkdir()
+    for shard, tensors in shards.items():
+        save_safetensors(folder / shard, tensors)
+    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    return folder
+
+
+def test_sharded_control_reads_every_tensor_once(tmp_path):
+    from sd_jax.convert.diffusers import read_component_state
+
+    folder = _sharded(tmp_path, {_SHARD_1: {"a": np.ones(2)}, _SHARD_2: {"b": np.zeros(3)}},
+                      {"a": _SHARD_1, "b": _SHARD_2})
+    state = read_component_state(folder, "unet")
+    assert sorted(state) == ["a", "b"] and state["a"].shape == (2,)
+
+
+@pytest.mark.parametrize(("shards", "weight_map", "message"), [
+    ({_SHARD_1: {"a": np.ones(2)}, _SHARD_2: {"a": np.zeros(2)}}, {"a": _SHARD_1, "b": _SHARD_2},
+     f"tensor 'a' is in two shards, '{_SHARD_1}' and '{_SHARD_2}'"),
+    ({_SHARD_1: {"a": np.ones(2)}, _SHARD_2: {"b": np.zeros(2)}}, {"a": _SHARD_2, "b": _SHARD_1},
+     f"tensor 'a' is in shard '{_SHARD_1}' but the index assigns it to '{_SHARD_2}'"),
+    ({_SHARD_1: {"a": np.ones(2), "c": np.ones(1)}, _SHARD_2: {"b": np.zeros(2)}}, {"a": _SHARD_1, "b": _SHARD_2},
+     f"tensor 'c' is in shard '{_SHARD_1}' but the index does not list it"),
+    ({_SHARD_1: {"a": np.ones(2)}, _SHARD_2: {"b": np.zeros(2)}}, {"a": _SHARD_1, "b": _SHARD_2, "z": _SHARD_2},
+     f"1 tensors the index lists are in no shard, e.g. 'z' \\(assigned to '{_SHARD_2}'\\)"),
+], ids=["duplicate", "wrong-shard", "unlisted", "missing"])
+def test_sharded_weights_must_match_their_index(tmp_path, shards, weight_map, message):
+    """Two shards with one name, a name in the wrong shard, unlisted or missing: one error naming both."""
+    from sd_jax.convert.diffusers import ShardIndexError, read_component_state
+
+    folder = _sharded(tmp_path, shards, weight_map)
+    with pytest.raises(ShardIndexError, match=message) as err:
+        read_component_state(folder, "unet")
+    assert "index.json" in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("shard", ["../outside.safetensors", "/tmp/outside.safetensors", "a/../../outside.safetensors",
+                                   "..\\outside.safetensors"])
+def test_shard_outside_the_model_folder_is_refused(tmp_path, shard):
+    from sd_jax.convert.diffusers import ShardIndexError, read_component_state
+
+    save_safetensors(tmp_path / "outside.safetensors", {"a": np.ones(2)})
+    folder = _sharded(tmp_path, {}, {"a": shard})
+    with pytest.raises(ShardIndexError, match="points outside the model folder"):
+        read_component_state(folder, "unet")
+
+
+@pytest.mark.parametrize("index", [[1, 2], {"weight_map": ["a"]}, {"weight_map": {"a": 3}}, {"weight_map": {}},
+                                   {"weight_map": {"a": None}}, {"weight_map": {"a": ["x"]}}, "text"],
+                         ids=["list", "map-list", "int-shard", "empty", "null-shard", "list-shard", "string"])
+def test_odd_index_is_one_line(tmp_path, index):
+    """Indexes of the wrong shape give one ValueError naming the file, never TypeError/AttributeError."""
+    from sd_jax.convert.diffusers import read_component_state
+
+    folder = tmp_path / "unet"
+    folder.mkdir()
+    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="index.json") as err:
+        read_component_state(folder, "unet")
+    assert "\n" not in str(err.value)
+
+
+def test_deeply_nested_config_json_is_refused(tmp_path):
+    """A 5000-deep config.json is a one-line error (it was a RecursionError)."""
+    from sd_jax.convert.diffusers import read_json
+
+    path = tmp_path / "config.json"
+    path.write_text("[" * 5000 + "]" * 5000)
+    with pytest.raises(ValueError, match="nested 5000 deep"):
+        read_json(path)

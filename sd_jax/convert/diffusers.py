@@ -8,17 +8,18 @@ has ``config.json`` and its weights as ``*.safetensors`` or PyTorch ``*.bin``
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from collections.abc import Mapping
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
 
 from sd_jax.convert import limits
 from sd_jax.convert.files import read_state_dict
-from sd_jax.convert.limits import short_error
+from sd_jax.convert.limits import short, short_error
 
 WEIGHT_NAMES = {
     "unet": "diffusion_pytorch_model",
@@ -61,8 +62,21 @@ def read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def find_weight_files(folder: Path, component: str, variant: str | None = None) -> list[Path]:
-    """The weight file(s) of one component: safetensors first, then .bin; shards resolved."""
+class ShardIndexError(ValueError):
+    """A sharded checkpoint's ``*.index.json`` and its shards disagree, or the index is malformed."""
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightFiles:
+    """Where one component's weights are: a single file, or shards and the index that maps names to them."""
+
+    files: list[Path]
+    index: Path | None = None
+    weight_map: dict[str, str] | None = None  # tensor name -> shard file, relative to the folder
+
+
+def locate_weights(folder: Path, component: str, variant: str | None = None) -> WeightFiles:
+    """The weight file(s) of one component: safetensors first, then .bin; shards from a checked index."""
     stem = WEIGHT_NAMES[component]
     stems = [stem, _TORCH_BIN_NAMES[stem]]
     tried = []
@@ -78,24 +92,67 @@ def find_weight_files(folder: Path, component: str, variant: str | None = None) 
                 indexes.insert(0, folder / f"{name}.{ext}.index.{var}.json")
             tried += [single.name] + [i.name for i in indexes]
             if single.is_file():
-                return [single]
+                return WeightFiles([single])
             index = next((i for i in indexes if i.is_file()), None)
             if index is not None:
-                shards = sorted(set(read_json(index).get("weight_map", {}).values()))
-                if not shards:
-                    raise ValueError(f"{index} has an empty weight_map")
-                return [folder / s for s in shards]
+                weight_map = read_weight_map(index)
+                shards = sorted(set(weight_map.values()))
+                return WeightFiles([folder / s for s in shards], index, weight_map)
     raise ModelFolderError(f"no weights for {component!r} in {folder}: looked for {', '.join(tried)}")
+
+
+def find_weight_files(folder: Path, component: str, variant: str | None = None) -> list[Path]:
+    """The weight file(s) of one component (see :func:`locate_weights`)."""
+    return locate_weights(folder, component, variant).files
+
+
+def read_weight_map(index: Path) -> dict[str, str]:
+    """An index's ``weight_map`` (tensor name -> shard file), checked: strings, shards inside the folder."""
+    data = read_json(index)
+    weight_map = data.get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ShardIndexError(f"{index}: weight_map must be a non-empty JSON object of tensor name -> shard file "
+                              f"name, got {short(weight_map)}")
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str) or not shard:
+            raise ShardIndexError(f"{index}: weight_map[{short(name)}] must be a shard file name, got {short(shard)}")
+        parts = PurePosixPath(shard).parts
+        if "\\" in shard or shard.startswith("/") or ".." in parts or ":" in parts[0]:
+            raise ShardIndexError(f"{index}: weight_map[{short(name)}] = {short(shard)} points outside the model "
+                                  "folder; shards must be file names inside it")
+    return weight_map
 
 
 def read_component_state(folder: Path, component: str, variant: str | None = None
                          ) -> dict[str, np.ndarray]:
-    """One component's PyTorch-named state dict, with the naming conventions normalised."""
+    """One component's PyTorch-named state dict, with the naming conventions normalised.
+
+    Sharded weights follow their index exactly: every tensor must be in the shard the index names,
+    once; a tensor in two shards, in a shard the index does not assign it to, or missing, is an error.
+    """
+    located = locate_weights(folder, component, variant)
+    if located.index is None:
+        return normalise_keys(component, read_state_dict(located.files[0], strict=True))
+    index, weight_map = located.index, located.weight_map
     state: dict[str, np.ndarray] = {}
-    for file in find_weight_files(folder, component, variant):
+    origin: dict[str, str] = {}
+    for file in located.files:
+        shard = file.relative_to(folder).as_posix()
         if not file.is_file():
-            raise ModelFolderError(f"{file} (a shard named in the index) is missing")
-        state.update(read_state_dict(file, strict=True))
+            raise ModelFolderError(f"{file} (a shard named in {index.name}) is missing")
+        for name, array in read_state_dict(file, strict=True).items():
+            if name in origin:
+                raise ShardIndexError(f"{index}: tensor {short(name)} is in two shards, {short(origin[name])} and "
+                                      f"{short(shard)}; refusing to pick one")
+            assigned = weight_map.get(name)
+            if assigned != shard:
+                where = f"assigns it to {short(assigned)}" if assigned else "does not list it"
+                raise ShardIndexError(f"{index}: tensor {short(name)} is in shard {short(shard)} but the index {where}")
+            state[name], origin[name] = array, shard
+    missing = [name for name in weight_map if name not in state]
+    if missing:
+        raise ShardIndexError(f"{index}: {len(missing)} tensors the index lists are in no shard, e.g. "
+                              f"{short(missing[0])} (assigned to {short(weight_map[missing[0]])})")
     return normalise_keys(component, state)
 
 
