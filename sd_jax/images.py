@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -11,17 +12,62 @@ import numpy as np
 from PIL import Image, ImageOps, PngImagePlugin
 
 
-def open_image(path: str | Path) -> Image.Image:
-    """Open an image file, apply its EXIF rotation, or raise a clear error naming it."""
+MAX_PIXELS = 8192 * 8192   # an image file sd_jax decodes (generate's inputs, training photos): about 67 megapixels
+
+
+def _open_header(path: Path) -> Image.Image:
+    """The image's header only (nothing decoded); refuses more than MAX_PIXELS before any decoding."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # sd_jax's own, lower limit follows
+        try:
+            img = Image.open(path)
+        except Image.DecompressionBombError:
+            raise ValueError(f"image {_name(path)} has more than {2 * Image.MAX_IMAGE_PIXELS / 1e6:.0f} megapixels "
+                             f"(a decompression bomb?); sd_jax reads images up to {MAX_PIXELS / 1e6:.0f} "
+                             "megapixels") from None
+    width, height = img.size
+    if width * height > MAX_PIXELS:
+        img.close()
+        raise ValueError(f"image {_name(path)} is {width}x{height} ({width * height / 1e6:.0f} megapixels); sd_jax "
+                         f"reads images up to {MAX_PIXELS / 1e6:.0f} megapixels (e.g. 8192x8192): downscale it first")
+    return img
+
+
+def _name(path: Path) -> str:
+    """A path for a message: its repr, cut to a short prefix when long."""
+    text = repr(str(path))
+    return text if len(text) <= 200 else text[:200] + "..."
+
+
+def image_file_size(path: str | Path) -> tuple[int, int]:
+    """(width, height) of an image file after its EXIF rotation, from the header (nothing decoded)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"image {str(path)!r} does not exist")
+        raise FileNotFoundError(f"image {_name(path)} does not exist")
     try:
-        with Image.open(path) as img:
+        with _open_header(path) as img:
+            width, height = img.size
+            orientation = img.getexif().get(0x0112, 1)
+    except (OSError, SyntaxError) as err:
+        raise ValueError(f"cannot read image {_name(path)}: {err}") from None
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
+def open_image(path: str | Path) -> Image.Image:
+    """Open an image file, apply its EXIF rotation, or raise a clear error naming it.
+
+    The size is checked from the header before anything is decoded (at most
+    :data:`MAX_PIXELS`), so a decompression bomb costs nothing.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image {_name(path)} does not exist")
+    try:
+        with _open_header(path) as img:
             img.load()
             return ImageOps.exif_transpose(img)
-    except (OSError, SyntaxError, ValueError) as err:
-        raise ValueError(f"cannot read image {str(path)!r}: {err}") from None
+    except (OSError, SyntaxError, Image.DecompressionBombError) as err:
+        raise ValueError(f"cannot read image {_name(path)}: {err}") from None
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

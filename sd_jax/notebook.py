@@ -4,7 +4,7 @@
     print(notebook.describe_runtime())                        # TPU / GPU (name, memory) / CPU, devices, versions
     MODEL = notebook.setting("SD_JAX_MODEL", "CompVis/stable-diffusion-v1-4")
     notebook.show_images(result)                              # a GenerationResult: inline grid, seed under each
-    notebook.save_images(result, "outputs", model=MODEL, dtype="bfloat16")
+    notebook.save_images(result, "outputs", model=MODEL, dtype="bfloat16")   # sd_jax.outputs, as generate.py
 
 Every notebook value a headless run may change is read with :func:`setting`, so
 the test suite runs the notebooks top to bottom on a tiny model by setting
@@ -268,48 +268,13 @@ def show_images(images: Any, captions: Sequence[str] | None = None, title: str |
 # ----------------------------------------------------------------------------- saving
 
 
-def image_metadata(result: Any, index: int, model: str, dtype: str) -> dict[str, Any]:
-    """The PNG text chunks of image ``index`` of a GenerationResult (the keys generate.py writes)."""
-    from sd_jax import __version__
-
-    return {"prompt": result.prompts[index], "negative_prompt": result.negative_prompts[index],
-            "steps": result.num_inference_steps, "scheduler": result.scheduler,
-            "guidance_scale": result.guidance_scales[index], "seed": result.seeds[index],
-            "width": result.width, "height": result.height, "model": model, "dtype": dtype,
-            "batch_size": len(result.images), "sd_jax_version": __version__}
-
-
-def _free_path(outdir: Path, index: int, suffix: str) -> tuple[Path, int]:
-    """``outdir/NNNNN-suffix`` with the first number at or after ``index`` no file uses yet."""
-    while any(outdir.glob(f"{index:05d}-*")):
-        index += 1
-    return outdir / f"{index:05d}-{suffix}", index
-
-
 def save_images(result: Any, outdir: str | Path, model: str, dtype: str, grid: bool = False) -> list[Path]:
-    """Write a GenerationResult as ``OUTDIR/NNNNN-SEED.png`` with its generation parameters as PNG text.
+    """Write a GenerationResult as ``OUTDIR/NNNNN-SEED.png`` with its generation parameters as PNG text
+    (the writer and metadata generate.py uses, :mod:`sd_jax.outputs`); ``grid`` also writes
+    ``grid-NNNNN.png``. Numbering continues after the highest number in ``outdir``. Returns the paths."""
+    from sd_jax.outputs import save_result
 
-    Numbering continues after the highest number in ``outdir``, as generate.py's
-    does; ``grid`` also writes ``grid-NNNNN.png``. Returns the paths written.
-    """
-    from sd_jax import images as imageio
-    from sd_jax.cli.common import prepare_output_dir
-    from sd_jax.cli.generate import next_grid_index, next_index
-
-    outdir = prepare_output_dir(outdir, "outdir")
-    index = next_index(outdir)
-    paths = []
-    for i, (image, seed) in enumerate(zip(result.images, result.seeds)):
-        path, index = _free_path(outdir, index, f"{seed}.png")
-        paths.append(imageio.save_png(image, path, image_metadata(result, i, model, dtype)))
-        index += 1
-    if grid:
-        meta = {**image_metadata(result, 0, model, dtype), "seeds": " ".join(map(str, result.seeds)),
-                "images": " ".join(p.name for p in paths)}
-        del meta["seed"]
-        path = outdir / f"grid-{next_grid_index(outdir):05d}.png"
-        paths.append(imageio.save_png(imageio.grid(result.images), path, meta))
-    return paths
+    return save_result(result, outdir, model=model, dtype=dtype, grid=grid)
 
 
 def download(paths: Sequence[str | Path], archive: str | Path = "sd_jax-outputs.zip") -> None:

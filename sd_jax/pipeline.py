@@ -20,13 +20,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from sd_jax import images as imageio
-from sd_jax import sampling
+from sd_jax import memory, sampling, sharding
 from sd_jax.convert import core
 from sd_jax.convert.diffusers import IGNORED_BUFFERS
 from sd_jax.convert.source import MODEL_KEYS, ModelFiles, load_model_files
 from sd_jax.models.clip import CLIPTextModel
 from sd_jax.models.unet import UNet2DConditionModel
 from sd_jax.models.vae import AutoencoderKL
+from sd_jax.request import GenerationRequest, RequestError
 from sd_jax import shape_cache
 from sd_jax.safety import load_safety_checker
 from sd_jax.schedulers import (NoiseScheduleConfig, get_scheduler, pad_schedule, schedule_length,
@@ -214,133 +215,105 @@ class StableDiffusion:
             return NoiseScheduleConfig.sd_v1()
         return NoiseScheduleConfig.from_diffusers_config(self.scheduler_config)
 
-    def generate(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None,
-                 height: int = 512, width: int = 512, num_inference_steps: int = 50,
-                 guidance_scale: float | Sequence[float] = 7.5, scheduler: str | None = None,
-                 seed: int | Sequence[int] | None = 0, num_images_per_prompt: int = 1,
-                 latents: Any = None, eta: float = 0.0, init_image: Any = None, strength: float = 0.8,
-                 mask_image: Any = None, clip_skip: int = 0, batch_size: int | None = None,
-                 devices: Sequence[Any] | None = None) -> GenerationResult:
+    def generate(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None, *,
+                 devices: Sequence[Any] | None = None, progress: sampling.Progress | None = None,
+                 **request: Any) -> GenerationResult:
         """Text (and optionally an init image and mask) -> images.
 
-        ``prompt`` a string or list; each prompt gives ``num_images_per_prompt``
-        images, in order. ``seed``: image b gets ``seed + b`` (or pass one seed
-        per image); see :mod:`sd_jax.sampling` for how a seed becomes noise.
-        ``guidance_scale`` one value or one per image. ``latents`` (B, h, w, 4)
-        unit-variance noise replaces the random draw (scaled by the solver's
-        initial sigma, as diffusers does). ``init_image`` (+ ``strength``) is
-        img2img, ``mask_image`` (white = repaint) inpainting. ``batch_size``
-        images go through one compiled call (default: all); the batch is
-        split over ``devices`` (default: all local devices).
+        The keyword arguments are those of :meth:`GenerationRequest.build
+        <sd_jax.request.GenerationRequest.build>`: ``height``, ``width``,
+        ``num_inference_steps``, ``guidance_scale`` (one or one per image),
+        ``scheduler``, ``seed`` (image b gets ``seed + b``, or one per image;
+        None/-1: random), ``num_images_per_prompt``, ``latents``, ``eta``,
+        ``init_image`` + ``strength`` (img2img), ``mask_image`` (white =
+        repaint), ``clip_skip``, ``batch_size`` (images per compiled call,
+        default all). The batch is split over ``devices`` (default: all local
+        devices); ``progress`` receives per-step events (see :mod:`sd_jax.sampling`).
         """
-        req = self._check_request(prompt, negative_prompt, height, width, num_inference_steps,
-                                  guidance_scale, scheduler, seed, num_images_per_prompt, latents,
-                                  eta, init_image, strength, mask_image, batch_size)
-        mesh = sampling.data_mesh(devices)
-        chunk = req["batch_size"]
-        chunk += -chunk % mesh.size
-        outputs = []
-        for start in range(0, req["total"], chunk):
-            sl = slice(start, min(start + chunk, req["total"]))
-            outputs.append(self._generate_chunk(req, sl, chunk, mesh, clip_skip))
-        images = np.concatenate(outputs, axis=0)
-        nsfw = self.safety_checker(images)[0] if self.safety_checker is not None else None
-        if nsfw is not None and any(nsfw):
-            log.info("the safety checker flagged image(s) %s of this call",
-                        [i for i, flag in enumerate(nsfw) if flag])
-        return GenerationResult(images=imageio.to_pil(images), array=images, seeds=req["seeds"], nsfw=nsfw,
-                                prompts=req["prompts"], negative_prompts=req["negatives"],
-                                guidance_scales=req["guidance"], scheduler=req["scheduler"],
-                                num_inference_steps=num_inference_steps, height=height, width=width)
+        return self.run(GenerationRequest.build(prompt, negative_prompt, **request), devices=devices,
+                        progress=progress)
 
-    def _check_request(self, prompt, negative_prompt, height, width, steps, guidance, scheduler, seed,
-                       per_prompt, latents, eta, init_image, strength, mask_image, batch_size) -> dict:
-        """Validate every argument before any work; expand prompts, seeds and scales per image."""
+    def run(self, request: GenerationRequest, *, devices: Sequence[Any] | None = None,
+            progress: sampling.Progress | None = None) -> GenerationResult:
+        """Every image of a request, batch by batch, as one result (checked against the model first)."""
+        mesh = sharding.sampling_mesh(devices)
+        self.check_request(request, mesh)
+        parts = [self._run_batch(batch, mesh, progress) for batch in request.batches()]
+        return GenerationResult.concatenate(parts, request)
+
+    def scheduler_name(self, request: GenerationRequest) -> str:
+        """The solver a request runs: its own, else the model folder's."""
+        return request.scheduler or scheduler_name_for_config(self.noise_schedule())
+
+    def check_request(self, request: GenerationRequest, mesh: Any = None, *, results: int | None = None) -> None:
+        """What depends on this model: latent size, inpainting UNet, solver, clip skip, and memory.
+
+        ``results``: images returned at once (default: the whole request).
+        """
         factor = self.vae_scale_factor
-        for name, value in (("height", height), ("width", width)):
-            if not isinstance(value, (int, np.integer)) or value <= 0 or value % factor:
-                raise ValueError(f"{name}={value!r} must be a positive multiple of {factor}")
-        if not isinstance(steps, (int, np.integer)) or steps < 1:
-            raise ValueError(f"num_inference_steps={steps!r} must be an integer >= 1")
-        if not isinstance(per_prompt, (int, np.integer)) or per_prompt < 1:
-            raise ValueError(f"num_images_per_prompt={per_prompt!r} must be an integer >= 1")
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise ValueError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
-        if negative_prompt is None or isinstance(negative_prompt, str):
-            negatives = [negative_prompt or ""] * len(prompts)
-        else:
-            negatives = list(negative_prompt)
-            if len(negatives) != len(prompts):
-                raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
-        prompts = [p for p in prompts for _ in range(per_prompt)]
-        negatives = [n for n in negatives for _ in range(per_prompt)]
-        total = len(prompts)
-        scales = [float(guidance)] * total if np.isscalar(guidance) else [float(g) for g in guidance]
-        if len(scales) != total or not all(np.isfinite(g) and g >= 0 for g in scales):
-            raise ValueError(f"guidance_scale {guidance!r} must be one finite value >= 0 or one per image "
-                             f"({total} images)")
-        name = scheduler or scheduler_name_for_config(self.noise_schedule())
-        get_scheduler(name)  # raises on an unknown name, listing the valid ones
-        if eta and name != "ddim":
-            raise ValueError(f"eta={eta!r} only applies to the ddim scheduler (scheduler is {name!r})")
-        if mask_image is not None and init_image is None:
-            raise ValueError("mask_image needs init_image (the image to inpaint)")
-        if init_image is not None and not 0.0 < float(strength) <= 1.0:
-            raise ValueError(f"strength={strength!r} must be in (0, 1]")
-        if self.unet.config.in_channels == 9 and mask_image is None:
-            raise ValueError("this is an inpainting model (9-channel UNet): pass init_image and mask_image")
-        shape = (height // factor, width // factor, self.vae.config.latent_channels)
-        if latents is not None:
-            latents = np.asarray(latents, np.float32)
-            if latents.shape != (total, *shape):
-                raise ValueError(f"latents must have shape {(total, *shape)} (B, h, w, C) for this call, "
-                                 f"got {latents.shape}")
-        if batch_size is not None and (not isinstance(batch_size, (int, np.integer)) or batch_size < 1):
-            raise ValueError(f"batch_size={batch_size!r} must be an integer >= 1")
-        inputs = {}
-        if init_image is not None:
-            inputs["image"] = np.stack([imageio.image_to_array(init_image, height, width)] * total) \
-                if not _is_batch(init_image) else np.stack(
-                    [imageio.image_to_array(im, height, width) for im in init_image])
-            if mask_image is not None:
-                mask = np.stack([imageio.image_to_array(mask_image, height, width, channels=1)] * total) \
-                    if not _is_batch(mask_image) else np.stack(
-                        [imageio.image_to_array(m, height, width, channels=1) for m in mask_image])
-                inputs["mask"] = (mask >= 0.5).astype(np.float32)  # binarised as diffusers' mask processor
-            if inputs["image"].shape[0] != total:
-                raise ValueError(f"{inputs['image'].shape[0]} init images for {total} images")
-        return dict(prompts=prompts, negatives=negatives, guidance=scales, seeds=sampling.image_seeds(seed, total),
-                    scheduler=name, steps=int(steps), eta=float(eta), strength=float(strength), shape=shape,
-                    latents=latents, total=total, batch_size=int(batch_size or total), **inputs)
+        for name in ("height", "width"):
+            if getattr(request, name) % factor:
+                raise RequestError((name, getattr(request, name)), f" must be a multiple of {factor} for this model")
+        if self.unet.config.in_channels == 9 and request.mask_image is None:
+            raise RequestError("this is an inpainting model (9-channel UNet): pass ", ("init_image",), " and ",
+                               ("mask_image",))
+        shape = (request.height // factor, request.width // factor, self.vae.config.latent_channels)
+        if request.latents is not None and request.latents.shape[1:] != shape:
+            raise RequestError(("latents",), f" must have shape {(request.total, *shape)} (B, h, w, C) for this "
+                               f"call, got {request.latents.shape}")
+        name = self.scheduler_name(request)
+        if request.eta and name != "ddim":
+            raise RequestError(("eta", request.eta), f" only applies to the ddim scheduler (scheduler is {name!r})")
+        layers = self.text_encoder.config.num_hidden_layers
+        if request.clip_skip >= layers:
+            raise RequestError(("clip_skip", request.clip_skip), f" must be below the text encoder's {layers} "
+                               "layers")
+        if request.loras:
+            raise RequestError(("loras",), " cannot be applied yet: this pipeline samples without LoRA adapters")
+        mesh = mesh if mesh is not None else sharding.sampling_mesh()
+        devices = list(mesh.devices.flat)
+        batch = _padded_batch(request, mesh.size)
+        per_image = memory.sampling_bytes_per_image(
+            self.unet.config.block_out_channels[0], self.vae.config.block_out_channels[0], factor,
+            jnp.dtype(self.unet.dtype).itemsize, request.height, request.width, request.guided)
+        memory.check_fits(per_image=per_image, batch=batch, height=request.height, width=request.width,
+                          results=request.total if results is None else results, devices=devices)
 
-    def _generate_chunk(self, req: dict, sl: slice, chunk: int, mesh: Any, clip_skip: int) -> np.ndarray:
-        """One padded batch through text encoder, sampler and VAE; returns (n, H, W, 3) in [0, 1]."""
-        n = sl.stop - sl.start
-        pad = lambda xs: list(xs[sl]) + [xs[sl][-1]] * (chunk - n)  # noqa: E731
-        guided = any(g > 1.0 for g in req["guidance"][sl])
-        cond = self.encode_prompt(pad(req["prompts"]), clip_skip)
-        uncond = self.encode_prompt(pad(req["negatives"]), clip_skip) if guided else None
-        keys = sampling.seed_keys(pad(req["seeds"]))
-        guidance = jnp.asarray(pad(req["guidance"]), jnp.float32)
-        sched = get_scheduler(req["scheduler"])
-        options = {"eta": req["eta"]} if req["scheduler"] == "ddim" else {}
-        has_image = "image" in req
-        strength = req["strength"] if has_image else 1.0
-        state = sched.create(self.noise_schedule(), req["steps"], (chunk, *req["shape"]),
-                             strength=strength, **options)
+    def _run_batch(self, req: GenerationRequest, mesh: Any, progress: sampling.Progress | None
+                   ) -> GenerationResult:
+        """One batch, padded to the compiled batch size, through text encoder, sampler and VAE."""
+        n, chunk = req.total, _padded_batch(req, mesh.size)
+        shape = (req.height // self.vae_scale_factor, req.width // self.vae_scale_factor,
+                 self.vae.config.latent_channels)
+        guided = req.guided
+        cond = _encode_text(self.text_encoder, self.params["text_encoder"],
+                            sampling.pad_batch(self.tokenize(req.prompts), chunk), req.clip_skip)
+        uncond = _encode_text(self.text_encoder, self.params["text_encoder"],
+                              sampling.pad_batch(self.tokenize(req.negative_prompts), chunk),
+                              req.clip_skip) if guided else None
+        keys = sampling.seed_keys(sampling.pad_batch(np.asarray(req.seeds, np.uint32), chunk))
+        guidance = sampling.pad_batch(np.asarray(req.guidance_scales, np.float32), chunk)
+        name = self.scheduler_name(req)
+        sched = get_scheduler(name)
+        options = {"eta": req.eta} if name == "ddim" else {}
+        strength = req.strength if req.init_image is not None else 1.0
+        state = sched.create(self.noise_schedule(), req.steps, (chunk, *shape), strength=strength, **options)
         # One padded length for every step count: changing the steps never recompiles.
         state = pad_schedule(sched, state, schedule_length(self.noise_schedule()))
-        noise = (jnp.asarray(np.concatenate([req["latents"][sl]] + [req["latents"][sl][-1:]] * (chunk - n)))
-                 if req["latents"] is not None else sampling.initial_noise(keys, req["shape"]))
+        noise = (sampling.pad_batch(req.latents, chunk) if req.latents is not None
+                 else sampling.initial_noise(keys, shape))
         mode, extra = "txt2img", {}
-        if has_image:
-            image = jnp.asarray(np.concatenate([req["image"][sl]] + [req["image"][sl][-1:]] * (chunk - n)))
+        if req.init_image is None:
+            start = noise * sched.init_noise_sigma(state)
+        else:
+            image = sampling.pad_batch(_per_image(req.init_image, n), chunk)
             post_keys = jax.vmap(lambda k: jax.random.fold_in(k, 2))(keys)
             init_latents = self._encode_posterior(image, post_keys)
-            if "mask" in req:
-                mask_px = jnp.asarray(np.concatenate([req["mask"][sl]] + [req["mask"][sl][-1:]] * (chunk - n)))
-                mask = _nearest_resize(mask_px, req["shape"][:2])
+            if req.mask_image is None:
+                start = sched.add_noise_at(state, init_latents, noise)
+            else:
+                mask_px = sampling.pad_batch(_per_image(req.mask_image, n), chunk)
+                mask = _nearest_resize(mask_px, shape[:2])
                 if self.unet.config.in_channels == 9:
                     mode = "inpaint"
                     keep = (mask_px < 0.5).astype(image.dtype)  # masked pixels -> 0 in [-1, 1], as diffusers
@@ -351,20 +324,26 @@ class StableDiffusion:
                     extra = {"mask": mask, "init_latents": init_latents, "noise": noise}
                 start = (noise * sched.init_noise_sigma(state) if strength >= 1.0
                          else sched.add_noise_at(state, init_latents, noise))
-            else:
-                start = sched.add_noise_at(state, init_latents, noise)
-        else:
-            start = noise * sched.init_noise_sigma(state)
-        run = sampling.compiled_denoise(self.unet, sched, mode, guided, mesh)
-        latents = run(self.params["unet"], state, start, cond, uncond, guidance, keys, extra)
-        images = self.decode_latents(latents)
-        return np.asarray(images)[:n]
+        run = sampling.compiled_denoise(self.unet, sched, mode, guided, mesh, report=progress is not None)
+        with sampling.reporting(progress, run, (chunk, *shape), int(state.num_calls - state.start_index)):
+            latents = run(self.params["unet"], state, start, cond, uncond, guidance, keys, extra)
+            images = np.asarray(self.decode_latents(latents))[:n]
+        _check_finite(np.asarray(latents)[:n], images, req.seeds)
+        nsfw = self.safety_checker(images)[0] if self.safety_checker is not None else None
+        if nsfw is not None and any(nsfw):
+            log.info("the safety checker flagged image(s) with seed(s) %s",
+                     [seed for seed, flag in zip(req.seeds, nsfw) if flag])
+        return GenerationResult.of(req, name, images, nsfw)
 
     def _encode_posterior(self, images_01: jax.Array, keys: jax.Array) -> jax.Array:
         """Scaled latents sampled from the VAE posterior, image b with its own key."""
         mean, logvar = _vae_moments(self.vae, self.params["vae"], images_01)
         draw = jax.vmap(lambda k: jax.random.normal(k, mean.shape[1:], jnp.float32))(keys)
         return (mean + jnp.exp(0.5 * logvar) * draw) * self.scaling_factor
+
+
+class NonFiniteOutput(ValueError):
+    """Sampling produced NaN or infinite values (bad weights, or float16 overflow): no image is written."""
 
 
 @dataclasses.dataclass
@@ -382,11 +361,48 @@ class GenerationResult:
     height: int
     width: int
     nsfw: list[bool] | None = None
+    request: GenerationRequest | None = None  # the whole request (eta, strength, clip skip, batch size, ...)
+
+    @classmethod
+    def of(cls, request: GenerationRequest, scheduler: str, images: np.ndarray, nsfw: list[bool] | None,
+           pil: list[Any] | None = None) -> GenerationResult:
+        """The result of one request's images (``pil``: the same images, already converted)."""
+        return cls(images=imageio.to_pil(images) if pil is None else pil, array=images, seeds=list(request.seeds),
+                   prompts=list(request.prompts), negative_prompts=list(request.negative_prompts),
+                   guidance_scales=list(request.guidance_scales), scheduler=scheduler,
+                   num_inference_steps=request.steps, height=request.height, width=request.width,
+                   nsfw=None if nsfw is None else list(nsfw), request=request)
+
+    @classmethod
+    def concatenate(cls, parts: Sequence[GenerationResult], request: GenerationRequest) -> GenerationResult:
+        """The batches of one request as one result."""
+        if len(parts) == 1:
+            return dataclasses.replace(parts[0], request=request)
+        nsfw = None if parts[0].nsfw is None else [f for p in parts for f in p.nsfw]
+        array = np.concatenate([p.array for p in parts], axis=0)
+        return cls.of(request, parts[0].scheduler, array, nsfw, [im for p in parts for im in p.images])
 
 
-def _is_batch(x: Any) -> bool:
-    """A list/tuple of images (rather than one image)."""
-    return isinstance(x, (list, tuple))
+def _padded_batch(request: GenerationRequest, devices: int) -> int:
+    """The compiled batch size: the request's batch size (default: all its images), a multiple of ``devices``."""
+    chunk = request.batch_size or request.total
+    return chunk + (-chunk % devices)
+
+
+def _per_image(arr: np.ndarray, n: int) -> np.ndarray:
+    """A (1 or n, ...) image stack as (n, ...)."""
+    return np.broadcast_to(arr, (n, *arr.shape[1:]))
+
+
+def _check_finite(latents: np.ndarray, images: np.ndarray, seeds: Sequence[int]) -> None:
+    """Refuse NaN/inf latents or images (they would be written as black PNGs)."""
+    bad = ~(np.isfinite(latents).all(axis=(1, 2, 3)) & np.isfinite(images).all(axis=(1, 2, 3)))
+    if bad.any():
+        which = [seed for seed, b in zip(seeds, bad) if b]
+        raise NonFiniteOutput(f"sampling produced NaN/inf values for {len(which)} of {len(seeds)} image(s) (seeds "
+                              f"{', '.join(map(str, which[:8]))}{', ...' if len(which) > 8 else ''}); no image was "
+                              "written for them: the model's weights or config hold non-finite values, or the dtype "
+                              "overflows (try --dtype float32 or bfloat16)")
 
 
 def _nearest_resize(mask: jax.Array, hw: tuple[int, int]) -> jax.Array:

@@ -19,36 +19,63 @@ unconditional UNet pass is not compiled at all.
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Sequence
-from typing import Any
+import threading
+from collections.abc import Iterator, Sequence
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
+from sd_jax import sharding
 from sd_jax.schedulers import Scheduler
+from sd_jax.sharding import sampling_mesh as data_mesh  # noqa: F401 - the name older callers use
 
-MODES = ("txt2img", "inpaint", "blend")
-MAX_SEED = 2**32 - 1  # jax.random.key takes 32-bit seeds  # img2img is txt2img started later; inpaint = 9-channel UNet
+MODES = ("txt2img", "inpaint", "blend")  # img2img is txt2img started later; inpaint = 9-channel UNet
 
 
-def image_seeds(seed: int | Sequence[int] | None, batch: int) -> list[int]:
-    """Per-image seeds: ``seed + b`` for an int, the list itself, or random when None."""
-    if seed is None:
-        seed = int(np.random.default_rng().integers(0, MAX_SEED - batch))
-    if isinstance(seed, (int, np.integer)):
-        if not 0 <= int(seed) <= MAX_SEED - batch:
-            raise ValueError(f"seed {seed} must be an integer in [0, {MAX_SEED - batch}] for {batch} image(s) "
-                             f"(image b gets seed + b, and seeds are 32-bit)")
-        return [int(seed) + b for b in range(batch)]
-    seeds = [int(s) for s in seed]
-    if len(seeds) != batch:
-        raise ValueError(f"{len(seeds)} seeds given for {batch} images; give one per image or one int")
-    if any(not 0 <= s <= MAX_SEED for s in seeds):
-        raise ValueError(f"seeds must be integers in [0, {MAX_SEED}], got {seeds}")
-    return seeds
+class Progress(Protocol):
+    """Receives sampling events: a batch starts (``compiling``: its shape is new in this process), each
+    denoising step ends (from the compiled loop, through a host callback), the batch is done."""
+
+    def batch_started(self, steps: int, compiling: bool) -> None: ...
+
+    def step(self) -> None: ...
+
+    def batch_done(self) -> None: ...
+
+
+_REPORT_LOCK = threading.Lock()
+_ACTIVE: list[Progress] = []          # the listener of the sampling call now running (at most one)
+_SEEN: set[tuple[Any, ...]] = set()   # (compiled loop, batch shape) pairs run in this process
+
+
+def _on_step(_: Any) -> None:
+    """Host side of the per-step callback compiled into a reporting loop."""
+    if _ACTIVE:
+        _ACTIVE[0].step()
+
+
+@contextlib.contextmanager
+def reporting(progress: Progress | None, run: Any, shape: tuple[int, ...], steps: int) -> Iterator[None]:
+    """Route the step events of ``run`` (one call, batch ``shape``) to ``progress`` while the block runs;
+    the block must wait for the result (the callbacks fire while the device computes)."""
+    if progress is None:
+        yield
+        return
+    key = (run, shape)
+    with _REPORT_LOCK:
+        progress.batch_started(steps, compiling=key not in _SEEN)
+        _ACTIVE[:] = [progress]
+        try:
+            yield
+        finally:
+            _ACTIVE.clear()
+        _SEEN.add(key)
+        progress.batch_done()
 
 
 def seed_keys(seeds: Sequence[int]) -> jax.Array:
@@ -67,18 +94,13 @@ def step_noise(keys: jax.Array, i: jax.Array, shape_hwc: tuple[int, ...]) -> jax
         jax.random.fold_in(jax.random.fold_in(k, 1), i), shape_hwc, jnp.float32))(keys)
 
 
-def data_mesh(devices: Sequence[Any] | None = None) -> Mesh:
-    """A one-axis ``data`` mesh over the local devices."""
-    devices = list(devices) if devices is not None else jax.local_devices()
-    return Mesh(np.asarray(devices), ("data",))
-
-
 def pad_batch(x: np.ndarray | jax.Array, multiple: int) -> Any:
-    """Pad the leading axis up to a multiple by repeating the last row."""
+    """Pad the leading axis up to a multiple by repeating the last row (numpy stays numpy)."""
     extra = -x.shape[0] % multiple
     if extra == 0:
         return x
-    return jnp.concatenate([x, jnp.repeat(x[-1:], extra, axis=0)], axis=0)
+    xp = np if isinstance(x, np.ndarray) else jnp
+    return xp.concatenate([x, xp.repeat(x[-1:], extra, axis=0)], axis=0)
 
 
 def guided_eps(unet: Any, params: Any, x: jax.Array, t: jax.Array, cond: jax.Array,
@@ -99,12 +121,13 @@ def guided_eps(unet: Any, params: Any, x: jax.Array, t: jax.Array, cond: jax.Arr
 
 def denoise(unet: Any, scheduler: Scheduler, mode: str, params: Any, state: Any,
             latents: jax.Array, cond: jax.Array, uncond: jax.Array | None, guidance: jax.Array,
-            keys: jax.Array, extra: dict[str, jax.Array]) -> jax.Array:
+            keys: jax.Array, extra: dict[str, jax.Array], report: bool = False) -> jax.Array:
     """Run the solver from ``state.start_index`` to the end; returns float32 latents.
 
     ``extra`` by mode: "inpaint" (9-channel UNet) has ``mask`` (B, h, w, 1) and
     ``masked_latents`` (B, h, w, 4); "blend" (4-channel inpainting by latent
-    blending) has ``mask``, ``init_latents`` and ``noise``.
+    blending) has ``mask``, ``init_latents`` and ``noise``. ``report``: each
+    step calls back to the host (see :func:`reporting`).
     """
     n = state.num_calls  # traced: the step count is not part of the compiled shape
     shape = latents.shape[1:]
@@ -117,7 +140,7 @@ def denoise(unet: Any, scheduler: Scheduler, mode: str, params: Any, state: Any,
             model_in = jnp.concatenate([model_in, extra["mask"], extra["masked_latents"]], axis=-1)
         eps = guided_eps(unet, params, model_in, st.timesteps[i], cond, uncond, guidance)
         noise = step_noise(keys, i, shape) if stochastic else None
-        x_next, st = scheduler.step(st, eps, i, x, None, noise=noise)
+        x_next, st = scheduler.step(st, eps, i, x, noise=noise)
         if mode == "blend":
             # Keep the unmasked area on the init image, noised to the next step's level
             # (diffusers StableDiffusionInpaintPipeline with a 4-channel UNet).
@@ -126,6 +149,8 @@ def denoise(unet: Any, scheduler: Scheduler, mode: str, params: Any, state: Any,
             proper = jnp.where(i + 1 < n, proper, extra["init_latents"])
             mask = extra["mask"]
             x_next = (1.0 - mask) * proper + mask * x_next
+        if report:
+            jax.debug.callback(_on_step, i)
         return x_next.astype(jnp.float32), st
 
     start = jnp.asarray(state.start_index, jnp.int32)
@@ -134,21 +159,22 @@ def denoise(unet: Any, scheduler: Scheduler, mode: str, params: Any, state: Any,
 
 
 @functools.lru_cache(maxsize=64)
-def compiled_denoise(unet: Any, scheduler: Scheduler, mode: str, guided: bool, mesh: Mesh) -> Any:
-    """The jitted, sharded loop for one (UNet module, solver, mode, CFG on/off, mesh).
+def compiled_denoise(unet: Any, scheduler: Scheduler, mode: str, guided: bool, mesh: Mesh,
+                     report: bool = False) -> Any:
+    """The jitted, sharded loop for one (UNet module, solver, mode, CFG on/off, mesh, step reports).
 
-    Batch arrays are split over the mesh's ``data`` axis, parameters and the
-    solver state replicated; jax.jit then keeps one executable per shape.
+    Batch arrays are split over the mesh's batch axes (``sharding.batch_sharding``),
+    parameters and the solver state replicated; jax.jit then keeps one executable per shape.
     """
     if mode not in MODES:
         raise ValueError(f"mode {mode!r} is not one of {MODES}")
-    batch = NamedSharding(mesh, P("data"))
-    replicated = NamedSharding(mesh, P())
+    batch = sharding.batch_sharding(mesh)
+    replicated = sharding.replicated(mesh)
 
     def run(params, state, latents, cond, uncond, guidance, keys, extra):
         latents = jax.lax.with_sharding_constraint(latents, batch)
         return denoise(unet, scheduler, mode, params, state, latents, cond,
-                       uncond if guided else None, guidance, keys, extra)
+                       uncond if guided else None, guidance, keys, extra, report)
 
     return jax.jit(run, in_shardings=(replicated, replicated, batch, batch, batch if guided else replicated,
                                       batch, batch, batch), out_shardings=batch)

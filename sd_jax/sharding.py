@@ -11,7 +11,7 @@ different examples (an fsdp group is data parallel too; only the parameters are
 split). The global batch (rows) must therefore be a multiple of ``mesh.size``.
 
 One rule table (:data:`RULES`) maps a leaf's path and shape to a ``PartitionSpec``;
-``param_shardings`` / ``tree_shardings`` apply it to any pytree of arrays or
+``tree_shardings`` applies it to any pytree of arrays or
 ``jax.ShapeDtypeStruct`` (parameters, a whole train state from ``jax.eval_shape``),
 so initialisation and checkpoint restore land straight in their shardings.
 
@@ -69,6 +69,12 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[Any] | None = Non
     except Exception:  # noqa: BLE001 - e.g. a device subset the topology helper cannot place
         grid = np.asarray(devices, dtype=object).reshape(data, fsdp)
     return Mesh(grid, AXES)
+
+
+def sampling_mesh(devices: Sequence[Any] | None = None) -> Mesh:
+    """The sampler's mesh: ``devices`` (default: this process's) all on ``data``; images are split over
+    them (:func:`batch_sharding`), parameters replicated."""
+    return make_mesh(data=-1, fsdp=1, devices=jax.local_devices() if devices is None else list(devices))
 
 
 # -------------------------------------------------------------------------------- rule table
@@ -129,11 +135,6 @@ def tree_shardings(tree: Any, mesh: Mesh, min_size: int = FSDP_MIN_SIZE) -> Any:
     """NamedSharding of every leaf of any pytree (parameters, optimizer state, a train state)."""
     return jax.tree.map(lambda spec: NamedSharding(mesh, spec), tree_specs(tree, mesh, min_size),
                         is_leaf=lambda x: isinstance(x, P))
-
-
-def param_shardings(params_or_shapes: Any, mesh: Mesh, min_size: int = FSDP_MIN_SIZE) -> Any:
-    """NamedShardings for a parameter tree (arrays or ``jax.eval_shape`` structs)."""
-    return tree_shardings(params_or_shapes, mesh, min_size)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
