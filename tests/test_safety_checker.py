@@ -14,8 +14,9 @@ from transformers import CLIPImageProcessor
 from sd_jax.convert.core import WeightMismatchError, flatten_tree
 from sd_jax.convert.diffusers import read_component_state
 from sd_jax.convert.safetensors_io import save_safetensors
-from sd_jax.convert.safety_checker import normalise_safety_checker_keys, safety_checker_state_to_params
-from sd_jax.models.safety_checker import (BARE_PARAMETERS, CLIPVisionConfig, SafetyChecker,
+from sd_jax.convert.safety_checker import (BARE_PARAMETERS, normalise_safety_checker_keys,
+                                          safety_checker_state_to_params)
+from sd_jax.models.safety_checker import (CLIPVisionConfig, SafetyChecker,
                                           SafetyCheckerConfig, abstract_params, check_images,
                                           safety_scores)
 from sd_jax.safety import ImageProcessorConfig, preprocess, read_preprocessor_config

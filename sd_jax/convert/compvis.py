@@ -34,6 +34,7 @@ import numpy as np
 from sd_jax.convert import limits
 from sd_jax.convert.core import WeightMismatchError, _listing
 from sd_jax.convert.files import read_weight_file
+from sd_jax.convert.model_files import ModelFiles, read_config
 from sd_jax.limits import short
 from sd_jax.models.clip import CLIPTextConfig
 from sd_jax.models.unet import UNetConfig
@@ -557,7 +558,10 @@ def detect_architecture(state: Mapping[str, np.ndarray], path: Any = "checkpoint
     notes: list[str] = []
     family, unet = detect_unet(parts.unet, path, notes)
     scale = state.get("scale_factor")
-    vae = detect_vae(parts.vae, path, notes, None if scale is None else float(np.asarray(scale)))
+    if scale is not None and np.size(scale) != 1:
+        raise _unsupported(path, f"a scale_factor buffer of shape {limits.short(np.shape(scale))} "
+                                 "(expected one number)")
+    vae = detect_vae(parts.vae, path, notes, None if scale is None else float(np.asarray(scale).reshape(())))
     text = detect_text(parts.text, parts.text_format, path)
     if unet.cross_attention_dim != text.hidden_size:
         raise _unsupported(path, f"a UNet with {unet.cross_attention_dim}-wide context but a "
@@ -660,7 +664,6 @@ def _bools(value: Any) -> bool | tuple[bool, ...]:
 def read_config_override(config: str | Path) -> tuple[Architecture, Path | None]:
     """``config=``: a diffusers folder (its config.json files) or an ldm YAML -> (Architecture, tokenizer dir)."""
     from sd_jax.convert.diffusers import component_folder, read_json
-    from sd_jax.convert.source import read_config
 
     path = Path(config).expanduser()
     if path.is_dir():
@@ -743,14 +746,12 @@ def compvis_to_diffusers(state: Mapping[str, np.ndarray], arch: Architecture | N
 
 
 def read_single_file(path: str | Path, *, use_ema: bool = True, config: str | Path | None = None):
-    """A CompVis ``.ckpt`` / ``.safetensors`` file -> :class:`sd_jax.convert.source.ModelFiles`.
+    """A CompVis ``.ckpt`` / ``.safetensors`` file -> :class:`sd_jax.convert.model_files.ModelFiles`.
 
     ``.ckpt`` files go through the restricted unpickler (Lightning objects become inert
     placeholders, nothing is imported or run). ``use_ema`` picks a full-EMA file's EMA UNet
     weights; ``config`` (a diffusers folder or an ldm YAML) replaces shape detection.
     """
-    from sd_jax.convert.source import ModelFiles
-
     path = Path(path)
     override, tokenizer_dir = read_config_override(config) if config is not None else (None, None)
     weights = read_weight_file(path, strict=False)

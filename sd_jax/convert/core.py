@@ -20,6 +20,7 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 
 # Module names that are PyTorch ``nn.ModuleList``/``nn.Sequential`` containers.
@@ -34,6 +35,10 @@ _INDEXED = re.compile(r"(?P<name>[A-Za-z_]+?)_(?P<index>\d+)")
 
 class WeightMismatchError(ValueError):
     """A state dict does not match the parameter tree it is loaded into."""
+
+
+class NonFiniteWeightsError(ValueError):
+    """Weights hold NaN or infinite values (a damaged file, or one saved from a diverged run)."""
 
 
 def flax_path_to_torch_name(path: tuple[str, ...]) -> str:
@@ -148,7 +153,28 @@ def load_state_dict(target: Mapping[str, Any], state: Mapping[str, np.ndarray], 
             parts.append(_listing("in the file but not in the model", unexpected))
         parts.append("check that the config.json (or the detected architecture) belongs to these weights")
         raise WeightMismatchError("\n".join(parts))
-    return unflatten_tree(_materialise(views)), sorted(skipped)
+    arrays, non_finite = _materialise(views)
+    if non_finite:
+        raise non_finite_error(what, [flax_path_to_torch_name(path) for path in non_finite])
+    return unflatten_tree(arrays), sorted(skipped)
+
+
+def non_finite_error(what: str, names: list[str]) -> NonFiniteWeightsError:
+    """The one error for weights that are not finite, naming (the first few of) them."""
+    shown = ", ".join(n[:ECHO_NAME] for n in sorted(names)[:8]) + (" ..." if len(names) > 8 else "")
+    return NonFiniteWeightsError(
+        f"the {what} weights hold NaN or infinite values in {len(names)} tensor(s): {shown}; the file is damaged "
+        "or was saved from a diverged run (values past a float16 range become infinite when cast to it)")
+
+
+def all_finite(array: np.ndarray) -> bool:
+    """True if no element is NaN or infinite; one vectorised sum (any NaN/inf makes it non-finite)."""
+    if array.dtype.kind not in "fc" and array.dtype != ml_dtypes.bfloat16:
+        return True
+    wide = np.float64 if array.dtype.itemsize >= 8 else np.float32
+    if np.isfinite(np.sum(array, dtype=wide)):
+        return True
+    return bool(np.isfinite(array).all())  # the sum overflowed, or there is a NaN/inf: look element-wise
 
 
 ALIGNMENT = 64  # bytes: jax.device_put on CPU aliases (does not copy) host arrays aligned like this
@@ -169,17 +195,32 @@ def aligned_empty(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
 _COLUMN_BLOCK = 16
 
 
-def _copy_relayout(out: np.ndarray, view: np.ndarray) -> None:
-    """``out[...] = view`` (cast to out's dtype), blocked over columns when view is a transpose."""
+_CHUNK = 1 << 16  # elements per pass of a contiguous copy: the finiteness check reads them while in cache
+
+
+def _copy_relayout(out: np.ndarray, view: np.ndarray) -> bool:
+    """``out[...] = view`` (cast to out's dtype), blocked over columns when view is a transpose.
+
+    Returns whether every copied value is finite, checked block by block as it is written.
+    """
+    finite = True
     if view.ndim < 2 or view.flags.c_contiguous:
-        np.copyto(out, view, casting="unsafe")
-        return
+        flat_out, flat_view = out.reshape(-1), view.reshape(-1)
+        for start in range(0, flat_out.size, _CHUNK):
+            block = flat_out[start:start + _CHUNK]
+            np.copyto(block, flat_view[start:start + _CHUNK], casting="unsafe")
+            finite = all_finite(block) and finite
+        return finite
     for start in range(0, view.shape[-1], _COLUMN_BLOCK):
-        np.copyto(out[..., start:start + _COLUMN_BLOCK], view[..., start:start + _COLUMN_BLOCK], casting="unsafe")
+        block = out[..., start:start + _COLUMN_BLOCK]
+        np.copyto(block, view[..., start:start + _COLUMN_BLOCK], casting="unsafe")
+        finite = all_finite(block) and finite
+    return finite
 
 
-def _materialise(views: Mapping[tuple[str, ...], tuple[np.ndarray, Any]]) -> dict[tuple[str, ...], np.ndarray]:
-    """Re-laid-out views -> contiguous, aligned arrays of the target dtype, copied in parallel.
+def _materialise(views: Mapping[tuple[str, ...], tuple[np.ndarray, Any]]
+                 ) -> tuple[dict[tuple[str, ...], np.ndarray], list[tuple[str, ...]]]:
+    """Re-laid-out views -> (contiguous, aligned arrays of the target dtype, paths of non-finite ones).
 
     Each transpose and cast is one ``np.copyto`` pass (numpy releases the GIL, so the copies
     use every core), and the aligned result lets ``jax.device_put`` adopt the buffer on CPU
@@ -190,8 +231,7 @@ def _materialise(views: Mapping[tuple[str, ...], tuple[np.ndarray, Any]]) -> dic
     def one(item):
         path, (view, dtype) = item
         out = aligned_empty(view.shape, dtype)
-        _copy_relayout(out, view)
-        return path, out
+        return path, (out, _copy_relayout(out, view))
 
     items = sorted(views.items(), key=lambda kv: -kv[1][0].size)  # biggest first: balanced workers
     workers = max(1, min(8, os.cpu_count() or 1))
@@ -200,7 +240,8 @@ def _materialise(views: Mapping[tuple[str, ...], tuple[np.ndarray, Any]]) -> dic
     else:
         with ThreadPoolExecutor(workers) as pool:
             done = dict(pool.map(one, items))
-    return {path: done[path] for path in views}  # the model's order
+    non_finite = [path for path in views if not done[path][1]]
+    return {path: done[path][0] for path in views}, non_finite  # the model's order
 
 
 def _torch_shape(leaf: str, flax_shape: tuple[int, ...]) -> tuple[int, ...]:

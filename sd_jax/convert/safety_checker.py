@@ -1,4 +1,8 @@
-"""Safety-checker weights: diffusers/transformers names onto sd_jax's SafetyChecker tree."""
+"""Safety-checker weights: diffusers/transformers names onto sd_jax's SafetyChecker tree.
+
+transformers >= 5 saves the tower without its inner ``vision_model.``;
+:func:`normalise_safety_checker_keys` accepts both spellings.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +12,22 @@ from typing import Any
 import numpy as np
 
 from sd_jax.convert.limits import short
-from sd_jax.convert.core import WeightMismatchError, flatten_tree, load_state_dict, unflatten_tree
-from sd_jax.models.safety_checker import BARE_PARAMETERS, TORCH_BUFFERS, TOWER_PREFIX
+from sd_jax.convert.core import (WeightMismatchError, all_finite, flatten_tree, load_state_dict, non_finite_error,
+                                 unflatten_tree)
+
+TOWER_PREFIX = "vision_model.vision_model."
+# PyTorch buffers safety-checker files may carry (not weights): skipped and reported.
+TORCH_BUFFERS = (r"vision_model\.vision_model\.embeddings\.position_ids",)
+# Parameters whose PyTorch name is not "<module path>.weight/bias": Flax path <-> PyTorch name.
+BARE_PARAMETERS = {
+    ("vision_model", "vision_model", "embeddings", "class_embedding"):
+        "vision_model.vision_model.embeddings.class_embedding",
+    ("concept_embeds",): "concept_embeds",
+    ("special_care_embeds",): "special_care_embeds",
+    ("concept_embeds_weights",): "concept_embeds_weights",
+    ("special_care_embeds_weights",): "special_care_embeds_weights",
+}
+
 
 def normalise_safety_checker_keys(state: Mapping[str, Any]) -> dict[str, Any]:
     """Bring transformers >= 5's ``vision_model.X`` to the Hub's ``vision_model.vision_model.X``.
@@ -54,6 +72,8 @@ def safety_checker_state_to_params(state: Mapping[str, Any], shapes: Mapping[str
                             f"{tuple(spec.shape)}")
             continue
         bare_params[path] = array.astype(spec.dtype)
+        if not all_finite(bare_params[path]):
+            raise non_finite_error("safety checker", [name])
     rest = {k: v for k, v in state.items() if k not in BARE_PARAMETERS.values()}
     try:
         params, skipped = load_state_dict(unflatten_tree(flat_shapes), rest, what="safety checker",

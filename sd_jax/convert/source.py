@@ -9,43 +9,20 @@ strictly from it; nothing here knows about Flax.
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from sd_jax.convert.limits import short_error
-from sd_jax.convert.diffusers import (ModelFolderError, component_folder, read_component_state,
-                                      read_json)
+from sd_jax.convert.compvis import read_single_file
+from sd_jax.convert.diffusers import ModelFolderError, component_folder, read_component_state, read_json
+from sd_jax.convert.model_files import MODEL_KEYS, ModelFiles, check_finite_config, read_config
 from sd_jax.models.clip import CLIPTextConfig
 from sd_jax.models.unet import UNetConfig
 from sd_jax.models.vae import VAEConfig
 
-MODEL_KEYS = ("text_encoder", "unet", "vae")
+__all__ = ["MODEL_KEYS", "ModelFiles", "load_model_files", "looks_like_hub_id", "read_config",
+           "read_diffusers_folder"]
+
 SINGLE_FILE_SUFFIXES = (".ckpt", ".safetensors", ".pt", ".pth", ".bin")
-
-
-@dataclasses.dataclass
-class ModelFiles:
-    """Everything read from a model source, before it becomes parameters."""
-
-    configs: dict[str, Any]                 # {"text_encoder": CLIPTextConfig, "unet": UNetConfig, "vae": VAEConfig}
-    states: dict[str, dict[str, np.ndarray]]  # diffusers/transformers-named state dicts
-    scheduler_config: dict[str, Any]
-    tokenizer_dir: Path | None
-    source: str
-    extra_dirs: dict[str, Path] = dataclasses.field(default_factory=dict)  # e.g. safety_checker
-    notes: list[str] = dataclasses.field(default_factory=list)             # what was chosen/skipped
-    pad_token: str | None = None  # for the packaged tokenizer when there is no folder ("!" for SD 2.x)
-
-
-def read_config(reader: Any, data: dict[str, Any], where: Path | str) -> Any:
-    """Read a model config, naming the file in any error."""
-    try:
-        return reader(data)
-    except (ValueError, TypeError, KeyError) as err:
-        raise ValueError(f"{where}: {short_error(err, 500)}") from None
 
 
 def read_diffusers_folder(root: Path, variant: str | None = None) -> ModelFiles:
@@ -76,14 +53,12 @@ def load_model_files(source: str | Path, *, variant: str | None = None, use_ema:
     if path.is_dir():
         if config is not None:
             raise ValueError("config= applies to single-file checkpoints; a diffusers folder has its own configs")
-        return read_diffusers_folder(path, variant)
+        return _checked(read_diffusers_folder(path, variant))
     if path.is_file():
         if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
             raise ValueError(f"{path} is not a checkpoint: expected a diffusers folder or a file ending in "
                              f"{', '.join(SINGLE_FILE_SUFFIXES)}")
-        from sd_jax.convert.compvis import read_single_file
-
-        return read_single_file(path, use_ema=use_ema, config=config)
+        return _checked(read_single_file(path, use_ema=use_ema, config=config))
     if looks_like_hub_id(str(source)):
         from sd_jax.convert.hub import download
 
@@ -92,6 +67,13 @@ def load_model_files(source: str | Path, *, variant: str | None = None, use_ema:
     raise ModelFolderError(
         f"model {str(source)!r} does not exist: pass a diffusers folder (with model_index.json, unet/, vae/, "
         "text_encoder/, tokenizer/), a .ckpt/.safetensors file, or a hub id such as CompVis/stable-diffusion-v1-4")
+
+
+def _checked(files: ModelFiles) -> ModelFiles:
+    """Refuse non-finite numbers in any config however it was read (JSON, YAML, a checkpoint's buffers)."""
+    for name, config in files.configs.items():
+        check_finite_config(config, f"{files.source} ({name})")
+    return files
 
 
 def looks_like_hub_id(text: str) -> bool:

@@ -20,11 +20,8 @@ and, inside, transformers 4's ``CLIPVisionTransformer``), list indices ``layers_
         <-> vision_model.vision_model.encoder.layers.3.mlp.fc1.weight
     visual_projection/kernel <-> visual_projection.weight
 
-Five bare parameters fall outside ``convert.core``'s leaf rule and are mapped
-by :data:`BARE_PARAMETERS` (``class_embedding``, ``concept_embeds``,
-``special_care_embeds``, ``concept_embeds_weights``, ``special_care_embeds_weights``).
-transformers >= 5 saves the tower without its inner ``vision_model.``;
-:func:`normalise_safety_checker_keys` accepts both spellings.
+The PyTorch names (five bare parameters outside ``convert.core``'s leaf rule, the
+buffers to skip, transformers 4 and 5 spellings) live in ``sd_jax.convert.safety_checker``.
 
 Numerics: embeddings and the residual stream are float32; matmuls run in
 ``dtype``; LayerNorms, softmax, cosine similarities and the 17+3 comparison
@@ -57,19 +54,6 @@ NUM_CONCEPTS = 17       # diffusers hard-codes both counts
 NUM_SPECIAL_CARE = 3
 SPECIAL_CARE_ADJUSTMENT = 0.01
 SCORE_DECIMALS = 3
-
-TOWER_PREFIX = "vision_model.vision_model."
-# PyTorch buffers safety-checker files may carry (not weights): skipped and reported.
-TORCH_BUFFERS = (r"vision_model\.vision_model\.embeddings\.position_ids",)
-# Parameters whose PyTorch name is not "<module path>.weight/bias": Flax path <-> PyTorch name.
-BARE_PARAMETERS = {
-    ("vision_model", "vision_model", "embeddings", "class_embedding"):
-        "vision_model.vision_model.embeddings.class_embedding",
-    ("concept_embeds",): "concept_embeds",
-    ("special_care_embeds",): "special_care_embeds",
-    ("concept_embeds_weights",): "concept_embeds_weights",
-    ("special_care_embeds_weights",): "special_care_embeds_weights",
-}
 
 # transformers' CLIPVisionConfig defaults: a config.json may leave out any key equal to them.
 _TRANSFORMERS_VISION_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
