@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -150,11 +152,20 @@ def test_kill_and_resume_equals_uninterrupted(tiny_folder, tmp_path):
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_folder, tmp_path):
     config = _config(tiny_folder, tmp_path, **{"optim.learning_rate": 1e30, "optim.max_grad_norm": None,
                                                "train.max_train_steps": 6, "checkpoint.every": 1})
-    with pytest.raises(TrainingDiverged, match=r"the loss became .* at step \d+.*last good checkpoint"):
+    with pytest.raises(TrainingDiverged, match=r"the loss became .* at step \d+.*last good checkpoint") as info:
         train(config, progress=False)
-    steps = sorted(int(p.name) for p in (Path(config.output_dir) / "checkpoints").iterdir() if p.name.isdigit())
+    assert "\n" not in str(info.value)
+    diverged = int(re.search(r"at step (\d+)", str(info.value)).group(1))
+    out = Path(config.output_dir)
+    steps = sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())
     assert steps, "the good steps before the divergence were checkpointed"
-    assert not (Path(config.output_dir) / "final").exists()
+    assert steps[-1] < diverged and f"step {steps[-1]} in" in str(info.value)
+    assert not (out / "final").exists()
+    # the kept checkpoint is from before the divergence and finite (weights, EMA-free state, Adam moments)
+    start = StableDiffusion.from_pretrained(tiny_folder).params
+    params, _ = _restore_params(out, {"unet": start["unet"]}, steps[-1], ema=False)
+    leaves = jax.tree.leaves(params)
+    assert leaves and all(np.isfinite(np.asarray(x)).all() for x in leaves)
 
 
 def test_output_dir_of_another_run_is_refused(tiny_folder, tmp_path):
@@ -163,3 +174,198 @@ def test_output_dir_of_another_run_is_refused(tiny_folder, tmp_path):
     other = _config(tiny_folder, tmp_path, **{"train.max_train_steps": 1, "optim.learning_rate": 3e-4})
     with pytest.raises(ValueError, match="different configuration"):
         train(other, progress=False)
+
+
+# ------------------------------------------------- original.yaml: interrupt, crash, resume, export, rerun
+
+def _recipe_argv(tiny_folder, instance: Path, out: Path, steps: int = 4) -> list[str]:
+    """The original recipe (UNet + text encoder) shrunk to a tiny model, with EMA and the single file."""
+    return ["--config", str(ROOT / "configs" / "dreambooth" / "original.yaml"), "--model", str(tiny_folder),
+            "--instance-dir", str(instance), "--instance-prompt", "a photo of sks dog", "--resolution", str(RES),
+            "--max-train-steps", str(steps), "--checkpoint-every", "2", "--learning-rate", "1e-3", "--seed", "3",
+            "--save-single-file", "--no-progress", "--set", "optim.ema_decay=0.5", "--set", "logging.log_every=1",
+            "--output-dir", str(out)]
+
+
+@pytest.fixture(scope="module")
+def compile_cache(tmp_path_factory):
+    """JAX's persistent compilation cache for this module: the runs of one recipe compile the train step once
+    (each train() call builds its own jit; on a busy CPU one compile of the text-encoder step takes minutes)."""
+    from jax.experimental.compilation_cache import compilation_cache
+
+    before = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
+    compilation_cache.reset_cache()
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    yield
+    compilation_cache.reset_cache()
+    jax.config.update("jax_compilation_cache_dir", before[0])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])
+
+
+@pytest.fixture(scope="module")
+def recipe_run(tiny_folder, tmp_path_factory, compile_cache):
+    """An uninterrupted 4-step run of configs/dreambooth/original.yaml through the CLI (in-process)."""
+    from sd_jax.cli.train import main
+
+    tmp = tmp_path_factory.mktemp("recipe")
+    instance = _subject_images(tmp / "dog")
+    old = os.umask(0o022)
+    try:
+        assert main(_recipe_argv(tiny_folder, instance, tmp / "ref")) == 0
+    finally:
+        os.umask(old)
+    return instance, tmp / "ref"
+
+
+def _tree_close(a, b, **tol) -> bool:
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    return len(la) == len(lb) and all(np.allclose(np.asarray(x, np.float32), np.asarray(y, np.float32), **tol)
+                                      for x, y in zip(la, lb))
+
+
+def _restore_params(out: Path, like: dict, step: int, ema: bool = True) -> tuple[dict, dict | None]:
+    """(params, ema) of checkpoint ``step``: {"unet"[, "text_encoder"]} trees shaped like ``like``."""
+    from sd_jax.dreambooth.checkpoint import Checkpointer
+
+    single = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, np.float32, sharding=single), like)
+    with Checkpointer(out / "checkpoints", keep=2) as ckpt:
+        parts, meta = ckpt.restore(step, {"params": abstract, **({"ema": abstract} if ema else {})})
+    assert meta["step"] == step
+    return parts["params"], parts.get("ema")
+
+
+def test_original_recipe_exports_ema_and_trained_text_encoder(recipe_run, tiny_folder):
+    """final/ and the single file hold the EMA weights (not the raw ones) of the UNet and of the trained text
+    encoder; final/ has the mode the umask asks for (mkdtemp made it drwx------)."""
+    _, out = recipe_run
+    start = StableDiffusion.from_pretrained(tiny_folder).params
+    like = {"unet": start["unet"], "text_encoder": start["text_encoder"]}
+    params, ema = _restore_params(out, like, 4)
+    final = StableDiffusion.from_pretrained(out / "final").params
+    single = StableDiffusion.from_pretrained(out / "model.safetensors").params
+    for part in ("unet", "text_encoder"):
+        assert _tree_close(final[part], ema[part], rtol=0, atol=0), f"final/{part} is not the EMA"
+        assert not _tree_close(final[part], params[part], rtol=0, atol=1e-6), f"final/{part} is the raw weights"
+        assert not _tree_close(final[part], start[part], rtol=0, atol=1e-6), f"{part} did not train"
+        assert _tree_close(single[part], ema[part], rtol=2e-3, atol=2e-3), f"single-file {part} is not the EMA"
+    assert ((out / "final").stat().st_mode & 0o777) == 0o755
+    assert json.loads((out / "config.json").read_text())["train"]["train_text_encoder"] is True
+
+
+def test_interrupt_crash_and_resume_equal_an_uninterrupted_run(recipe_run, tiny_folder, tmp_path, monkeypatch,
+                                                              capsys):
+    """Fast kill-and-resume: Ctrl-C at step 2 stops cleanly (one line, exit 130, checkpoint 2), the resumed
+    run crashes at step 4 (after logging step 3), the next resume finishes: weights bit for bit those of the
+    uninterrupted run, and metrics.jsonl holds each step once."""
+    from sd_jax.cli.train import main
+    from sd_jax.dreambooth import trainer
+    from sd_jax.dreambooth.metrics import MetricsLogger
+
+    instance, ref = recipe_run
+    out = tmp_path / "run"
+    argv = _recipe_argv(tiny_folder, instance, out)
+    scalars = MetricsLogger.scalars
+
+    def interrupt_at_2(self, step, values):
+        scalars(self, step, values)
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(MetricsLogger, "scalars", interrupt_at_2)
+    capsys.readouterr()
+    assert main(argv) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "interrupted at step 2 of 4" in err[0] and "resume" in err[0], err
+    assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.isdigit()) == ["2"]
+    assert not (out / "final").exists()
+    monkeypatch.setattr(MetricsLogger, "scalars", scalars)
+
+    update_batch = trainer.BatchBuilder.update_batch
+
+    def crash_at_4(self, position, *args, **kwargs):
+        if position == 3:
+            raise RuntimeError("simulated crash")
+        return update_batch(self, position, *args, **kwargs)
+
+    monkeypatch.setattr(trainer.BatchBuilder, "update_batch", crash_at_4)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        main(argv)
+    monkeypatch.setattr(trainer.BatchBuilder, "update_batch", update_batch)
+    assert main(argv) == 0
+    a, b = _final_unet(ref), _final_unet(out)
+    assert a.keys() == b.keys()
+    for name in a:
+        np.testing.assert_array_equal(np.asarray(a[name]), np.asarray(b[name]), err_msg=name)
+    rows = [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    want = [json.loads(line) for line in (ref / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["train/loss"] for r in rows] == [r["train/loss"] for r in want]
+
+
+def test_finished_run_is_complete_then_extends(recipe_run, tiny_folder, tmp_path, capsys):
+    """Re-running a finished run says so and leaves final/ alone; a damaged checkpoint is named in one line
+    with the step to go back to; --resume-step and a higher --max-train-steps extend the run from there."""
+    import shutil
+
+    from sd_jax.cli.train import main
+
+    instance, ref = recipe_run
+    out = tmp_path / "run"
+    shutil.copytree(ref, out)
+    before = {p: p.stat().st_mtime_ns for p in (out / "final").rglob("*")}
+    capsys.readouterr()
+    assert main(_recipe_argv(tiny_folder, instance, out)) == 0
+    assert "already complete (step 4 of 4)" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in (out / "final").rglob("*")} == before
+    # a flipped bit in the latest checkpoint: one line naming it and the previous good step, before any work
+    data = max((p for p in (out / "checkpoints" / "4" / "params").rglob("*") if p.is_file()),
+               key=lambda p: p.stat().st_size)
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    data.write_bytes(bytes(raw))
+    assert main(_recipe_argv(tiny_folder, instance, out, steps=5)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "checkpoint step 4" in err[0] and "--resume-step 2" in err[0], err
+    # resuming from the good step, with a higher --max-train-steps, extends the run; step 4 is kept aside
+    assert main(_recipe_argv(tiny_folder, instance, out, steps=5) + ["--resume-step", "2"]) == 0
+    said = capsys.readouterr().out
+    assert "dreambooth: 3 instance images, 0 class images; steps 3-5 of 5; lr 0.001" in said
+    assert "compiling the train step" in said and "checkpoint step 5 saving" in said and "run summary" in said
+    steps = sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps[-1] == 5 and 4 not in steps
+    assert [p.name.split("-")[0] for p in (out / "checkpoints" / ".set_aside").iterdir()] == ["4"]
+    assert json.loads((out / ".sd_jax_run.json").read_text())["final_step"] == 5
+    assert not _tree_close(_final_unet(out), _final_unet(ref), rtol=0, atol=0)
+    assert main(_recipe_argv(tiny_folder, instance, out, steps=3)) == 2
+    assert "--max-train-steps 3 is below the step this run has reached (5)" in capsys.readouterr().err
+
+
+def test_v_prediction_models_train_on_velocity(tiny_folder, tmp_path):
+    """The trainer supports v-prediction: a model whose scheduler says so trains on v (diffusers'
+    get_velocity), not on the noise."""
+    import shutil
+
+    import torch
+    from diffusers import DDPMScheduler
+
+    from sd_jax.dreambooth.step import StepModels
+    from sd_jax.schedulers.schedule import training_target
+
+    folder = tmp_path / "v"
+    shutil.copytree(tiny_folder, folder)
+    sched_file = folder / "scheduler" / "scheduler_config.json"
+    sched = json.loads(sched_file.read_text())
+    sched_file.write_text(json.dumps({**sched, "prediction_type": "v_prediction"}))
+    pipe = StableDiffusion.from_pretrained(folder)
+    models = StepModels.from_pipeline(pipe, _config(tiny_folder, tmp_path))
+    assert models.prediction_type == "v_prediction"
+    ref = DDPMScheduler.from_config({**sched, "prediction_type": "v_prediction"})
+    rng = np.random.default_rng(0)
+    x0, noise = rng.standard_normal((2, 3, 4, 4), np.float32), rng.standard_normal((2, 3, 4, 4), np.float32)
+    t = np.array([10, 900])
+    want = ref.get_velocity(torch.from_numpy(x0), torch.from_numpy(noise), torch.from_numpy(t)).numpy()
+    got = np.asarray(training_target(models.prediction_type, models.alphas_cumprod, x0, noise, t))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(got, noise, atol=0.1)

@@ -143,3 +143,36 @@ def test_cli_refuses_a_foreign_folder_and_a_held_one_in_one_line(tiny_folder, tm
         held.close()
     lines = res.stderr.strip().splitlines()
     assert res.returncode == 2 and len(lines) == 1 and f"pid {os.getpid()}" in lines[0], res.stderr[-2000:]
+
+
+@pytest.mark.parametrize("error,code,text", [
+    ("diverged", 2, "the loss became nan at step 3"),
+    ("interrupted", 130, "interrupted at step 2 of 4"),
+])
+def test_cli_turns_diverged_and_interrupted_runs_into_one_line(monkeypatch, capsys, error, code, text):
+    from sd_jax.cli import train as cli
+    from sd_jax.dreambooth.run_dir import TrainingDiverged, TrainingInterrupted
+
+    def run(args):
+        raise (TrainingDiverged if error == "diverged" else TrainingInterrupted)(text + "; more")
+
+    monkeypatch.setattr(cli, "run", run)
+    assert cli.main(["--no-progress"]) == code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("train_dreambooth.py: ") and text in err[0]
+
+
+def test_help_shows_every_default(monkeypatch):
+    from sd_jax.cli.train import FLAG_KEYS, build_parser
+
+    monkeypatch.setenv("COLUMNS", "400")  # no wrapping inside a default
+    parser = build_parser()
+    text = " ".join(parser.format_help().split())
+    for flag in ("--resolution", "--max-train-steps", "--learning-rate", "--text-encoder-lr", "--seed",
+                 "--checkpoint-every", "--train-text-encoder", "--save-single-file", "--num-class-images"):
+        assert flag in text
+    for action in parser._actions:
+        if action.dest in FLAG_KEYS:
+            assert "(default: " in (action.help or ""), action.dest
+    assert "(default: 512)" in text and "(default: CompVis/stable-diffusion-v1-4)" in text
+    assert "float16" in text  # the single file's dtype

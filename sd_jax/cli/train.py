@@ -10,6 +10,7 @@ concepts come from the recipe's ``concepts:`` list.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,33 +38,36 @@ def build_parser() -> common.ArgumentParser:
     """The command line."""
     p = common.ArgumentParser(prog=PROG, description="Dreambooth fine-tuning of Stable Diffusion v1.x in JAX. "
                               "Writes OUTPUT_DIR/checkpoints (Orbax), logs (TensorBoard), samples and final "
-                              "(a diffusers folder); an existing OUTPUT_DIR is resumed.")
+                              "(a diffusers folder); an existing OUTPUT_DIR is resumed. Defaults shown are the "
+                              "built-in ones; a --config recipe changes them, flags and --set change the recipe.")
     p.add_argument("--config", metavar="YAML", help="a recipe from configs/dreambooth/ (defaults for everything)")
-    p.add_argument("--model", help="starting model: diffusers folder, .ckpt/.safetensors file or hub id")
+    p.add_argument("--model", help="starting model: diffusers folder, .ckpt/.safetensors file or hub id "
+                                    f"(default: {_default_model()})")
     p.add_argument("--instance-dir", help="folder of 3-20 photos of the subject")
     p.add_argument("--instance-prompt", help='e.g. "a photo of sks dog"')
     p.add_argument("--class-prompt", help='e.g. "a photo of dog" (turns prior preservation on)')
     p.add_argument("--class-dir", help="class images folder (missing ones are generated; default "
                                        "OUTPUT_DIR/class_images/concept_0)")
-    p.add_argument("--num-class-images", type=int, help="class images to use (default 100)")
+    p.add_argument("--num-class-images", type=int, help="class images to use")
     p.add_argument("--output-dir", help="where checkpoints, logs, samples and the final model go")
-    p.add_argument("--resolution", type=int)
-    p.add_argument("--max-train-steps", type=int)
-    p.add_argument("--learning-rate", type=float)
-    p.add_argument("--text-encoder-lr", type=float)
+    p.add_argument("--resolution", type=int, help="training image size, a multiple of 8")
+    p.add_argument("--max-train-steps", type=int, help="optimizer updates (raise it to extend a finished run)")
+    p.add_argument("--learning-rate", type=float, help="peak learning rate of the UNet")
+    p.add_argument("--text-encoder-lr", type=float, help="learning rate of the text encoder (none: --learning-rate)")
     p.add_argument("--train-batch-size", type=int, help="instance images per step (+ as many class images)")
-    p.add_argument("--train-text-encoder", action="store_true", default=None)
-    p.add_argument("--prior-loss-weight", type=float)
-    p.add_argument("--checkpoint-every", type=int)
+    p.add_argument("--train-text-encoder", action="store_true", default=None, help="fine-tune the text encoder too")
+    p.add_argument("--prior-loss-weight", type=float, help="weight of the class-image (prior preservation) loss")
+    p.add_argument("--checkpoint-every", type=int, help="save a resumable checkpoint every N steps")
     p.add_argument("--sample-every", type=int, help="validation samples every N steps (0: none)")
-    p.add_argument("--mixed-precision", choices=("float32", "bfloat16"))
-    p.add_argument("--grad-accum-steps", type=int)
-    p.add_argument("--lr-schedule", choices=("constant", "warmup", "cosine", "linear"))
+    p.add_argument("--mixed-precision", choices=("float32", "bfloat16"), help="compute dtype (masters stay float32)")
+    p.add_argument("--grad-accum-steps", type=int, help="micro-batches per optimizer update")
+    p.add_argument("--lr-schedule", choices=("constant", "warmup", "cosine", "linear"), help="learning-rate schedule")
     p.add_argument("--skip-bad-images", action="store_true", default=None,
                    help="warn about and skip unreadable images instead of stopping")
     p.add_argument("--save-single-file", action="store_true", default=None,
-                   help="also write OUTPUT_DIR/model.safetensors (CompVis layout: AUTOMATIC1111, ComfyUI)")
-    p.add_argument("--seed", type=int)
+                   help="also write OUTPUT_DIR/model.safetensors (CompVis layout, float16: AUTOMATIC1111, "
+                        "ComfyUI)")
+    p.add_argument("--seed", type=int, help="seed of the data order, noise and class images")
     p.add_argument("--resume", action="store_true", help="require resuming from OUTPUT_DIR's checkpoints "
                                                          "(resuming is automatic when they exist)")
     p.add_argument("--no-resume", action="store_true", help="refuse to start if OUTPUT_DIR has checkpoints")
@@ -75,8 +79,35 @@ def build_parser() -> common.ArgumentParser:
                         "(sd_jax never deletes or replaces a file it did not write)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config value, e.g. --set optim.ema_decay=0.999 (repeatable)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (the header and summary stay)")
+    _show_defaults(p)
     return p
+
+
+def _default_model() -> str:
+    from sd_jax.generation import DEFAULT_MODEL
+
+    return DEFAULT_MODEL
+
+
+def _show_defaults(p: common.ArgumentParser) -> None:
+    """Append each recipe-backed flag's built-in default to its help (argparse's own default stays None so
+    that a --config recipe, then the flag, decide)."""
+    from sd_jax.dreambooth.config import Concept, load_config
+
+    values = load_config(None, require_runnable=False).to_dict()
+    concept = {f.name: f.default for f in dataclasses.fields(Concept) if f.default is not dataclasses.MISSING}
+    for action in p._actions:
+        if action.dest in FLAG_KEYS and action.dest != "model":
+            value: Any = values
+            for part in FLAG_KEYS[action.dest].split("."):
+                value = value.get(part) if isinstance(value, dict) else None
+        elif action.dest in CONCEPT_FLAGS and concept.get(action.dest) not in (None, ""):
+            value = concept[action.dest]
+        else:
+            continue
+        shown = "none" if value in (None, "") else "on" if value is True else "off" if value is False else value
+        action.help = f"{action.help + ' ' if action.help else ''}(default: {shown})"
 
 
 def config_from_args(args: Any) -> Any:
@@ -92,6 +123,8 @@ def config_from_args(args: Any) -> Any:
         base["concepts"] = [dict((base.get("concepts") or [{}])[0]) | concept]
     flags = {key: getattr(args, dest) for dest, key in FLAG_KEYS.items() if getattr(args, dest) is not None}
     base = apply_overrides(apply_overrides(base, flags, what="flag"), args.set, what="--set")
+    if not (base.get("model") or {}).get("path"):
+        base = apply_overrides(base, {"model.path": _default_model()}, what="flag")
     config = TrainConfig.from_dict(base)
     config.check_runnable()
     return config

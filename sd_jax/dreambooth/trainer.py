@@ -306,8 +306,8 @@ def _train(config: TrainConfig, run: RunDir, *, pipe: Any, resume: bool | None, 
     schedules = optimizer.schedules
 
     start = int(state.step)
-    # purge_step=start also drops the rows of an earlier attempt that died before its first checkpoint
-    logger = MetricsLogger(paths.logs, enabled=jax.process_index() == 0, purge_step=start)
+    # Rows of steps after the resumed one (and of an attempt that died before its first checkpoint) are dropped.
+    logger = MetricsLogger(paths.logs, enabled=jax.process_index() == 0, purge_step=start + 1)
     bar = Progress(total, initial=start, enabled=progress and jax.process_index() == 0)
     images_per_update = dataset.batch_size * (2 if config.with_prior_preservation else 1) \
         * config.optim.grad_accum_steps
@@ -318,6 +318,10 @@ def _train(config: TrainConfig, run: RunDir, *, pipe: Any, resume: bool | None, 
         for step in range(start, total):
             t0 = time.perf_counter()
             batch = shd.host_local_batch_to_global(builder.update_batch(position), mesh,
+    say = bar.write if jax.process_index() == 0 else (lambda message: None)
+    say(_header(config, dataset, mesh, start, total, images_per_update))
+    if start < total:
+        say("compiling the train step (the first step includes it; later steps reuse it)")
                                                    accum=config.optim.grad_accum_steps > 1)
             state, metrics = train_step(state, frozen, batch)
             metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -337,6 +341,8 @@ def _train(config: TrainConfig, run: RunDir, *, pipe: Any, resume: bool | None, 
             if done % config.logging.log_every == 0 or done == total:
                 lr = {f"lr/{k}": float(s(done - 1)) for k, s in schedules.items()}
                 logger.scalars(done, {**{f"train/{k}": v for k, v in metrics.items()}, **lr,
+            if step == start:
+                say(f"step {step + 1} done in {seconds:.1f} s (compile included)")
                                       "perf/steps_per_s": 1.0 / seconds,
                                       "perf/images_per_s": images_per_update / seconds})
             bar.update(1, {"loss": f"{last_loss:.4f}"})
@@ -347,8 +353,10 @@ def _train(config: TrainConfig, run: RunDir, *, pipe: Any, resume: bool | None, 
             if stop.requested:
                 ckpt.close()
                 raise TrainingInterrupted(f"interrupted at step {done} of {total}; checkpoint step {done} is saved "
+                say(f"samples of step {done} written to {paths.samples}")
                                           f"in {paths.checkpoints}: run the same command again to resume")
         ckpt.wait()
+                say(f"checkpoint step {done} saving to {paths.checkpoints / str(done)}")
     except BaseException:
         stop.restore()
         try:  # an in-flight save completes, Orbax's threads end: no background tracebacks at exit
@@ -367,7 +375,7 @@ def _train(config: TrainConfig, run: RunDir, *, pipe: Any, resume: bool | None, 
     final_dir, single = _export(pipe, state, config, paths, run)
     ckpt.close()
     report = summary.as_dict()
-    if progress and jax.process_index() == 0:
+    if jax.process_index() == 0:  # with --no-progress too
         summary.print()
     return TrainResult(output_dir=paths.root, final_dir=final_dir, single_file=single, steps=total,
                        final_loss=last_loss, summary=report, resumed_from=resume_step)
@@ -377,6 +385,21 @@ def trained_params(state: Any, config: TrainConfig) -> dict[str, Any]:
     """The weights to export: the EMA when it is kept, else the raw ones (host arrays)."""
     params = state.ema if config.optim.ema_decay is not None and state.ema is not None else state.params
     return _host(params)
+
+def _header(config: TrainConfig, dataset: Any, mesh: Any, start: int, total: int, images_per_update: int) -> str:
+    """One line before the work: images, steps, learning rate, batch, devices, dtype."""
+    n_class = len(dataset.class_examples) if config.with_prior_preservation else 0
+    steps = f"steps {start + 1}-{total} of {total}" if start else f"{total} steps"
+    if start >= total:
+        steps = f"all {total} steps done"
+    parts = dict(mesh.shape)
+    return (f"dreambooth: {len(dataset.instance_examples)} instance images, {n_class} class images; {steps}; "
+            f"lr {config.optim.learning_rate:g}; batch {config.train.train_batch_size} x accum "
+            f"{config.optim.grad_accum_steps} ({images_per_update} images per update); {mesh.size} "
+            f"{mesh.devices.flat[0].platform} devices (data {parts.get('data', 1)} x fsdp {parts.get('fsdp', 1)}); "
+            f"{config.train.mixed_precision}; text encoder {'trained' if config.train.train_text_encoder else 'frozen'}"
+            f"; output {config.output_dir}")
+
 
 
 def _log_samples(pipe: Any, state: Any, config: TrainConfig, paths: RunPaths, logger: Any, step: int) -> None:
