@@ -462,36 +462,59 @@ class DreamboothDataset:
         return out.astype(np.float32) / 127.5 - 1.0, flip
 
     def batch(self, position: int, *, process_index: int = 0, process_count: int = 1) -> dict[str, Any]:
-        """This process's share of global batch ``position``.
+        """This process's share of global batch ``position``, by kind.
 
-        The global batch (``batch_size`` rows) is split into ``process_count``
-        contiguous slices; process ``p`` gets rows ``[p*b, (p+1)*b)`` with
-        ``b = batch_size // process_count`` (the layout
-        ``jax.make_array_from_process_local_data`` expects when the mesh lists
-        devices process by process), so concatenating the shares in process
-        order gives the single-process batch. Returns ``instance_images``
+        The global batch's ``batch_size`` instance rows are split into
+        ``process_count`` contiguous slices; process ``p`` gets instance rows
+        ``[p*b, (p+1)*b)`` with ``b = batch_size // process_count`` and the class
+        rows paired with them, so concatenating the shares in process order gives
+        the single-process batch *of each kind*. (The trainer does not feed the
+        step this way: it takes whichever rows of the padded instance + class
+        batch its devices hold, see :meth:`rows`.) Returns ``instance_images``
         (b, R, R, 3) float32 in [-1, 1], ``instance_prompts`` (list of b str),
         ``instance_index`` (b,) int64, ``instance_flip`` (b,) bool, and with
         prior preservation the same four ``class_*`` entries.
         """
-        if isinstance(position, bool) or not isinstance(position, (int, np.integer)) or position < 0:
-            raise ValueError(f"position={position!r} must be an integer >= 0")
         if not 0 <= process_index < process_count:
             raise ValueError(f"process_index={process_index} must be in [0, process_count={process_count})")
         if self.batch_size % process_count:
             raise ValueError(f"the global batch_size={self.batch_size} must be a multiple of "
                              f"process_count={process_count} (each process takes an equal share)")
         local = self.batch_size // process_count
-        start = int(position) * self.batch_size + process_index * local
+        share = range(process_index * local, (process_index + 1) * local)
+        return self.rows(position, share, share if self.with_prior else ())
+
+    def rows(self, position: int, instance_rows: Sequence[int], class_rows: Sequence[int] = ()) -> dict[str, Any]:
+        """Chosen rows of global batch ``position``, in the order asked (repeats allowed).
+
+        ``instance_rows`` index the batch's ``batch_size`` instance rows,
+        ``class_rows`` the class rows paired with them (row ``r`` of each kind
+        comes from instance sequence index ``position * batch_size + r``). A
+        process of a multi-host run asks for the rows its devices hold and gets
+        exactly what a single process has in those rows. Returns the entries of
+        :meth:`batch` for each kind asked for (``class_*`` only with prior
+        preservation; an empty selection gives empty arrays).
+        """
+        if isinstance(position, bool) or not isinstance(position, (int, np.integer)) or position < 0:
+            raise ValueError(f"position={position!r} must be an integer >= 0")
+        wanted = {"instance": [int(r) for r in instance_rows], "class": [int(r) for r in class_rows]}
+        if wanted["class"] and not self.with_prior:
+            raise ValueError("class rows asked for, but no concept has a class prompt (no prior preservation)")
+        bad = [r for rs in wanted.values() for r in rs if not 0 <= r < self.batch_size]
+        if bad:
+            raise ValueError(f"batch rows {bad[:8]} are outside [0, batch_size={self.batch_size})")
+        base = int(position) * self.batch_size
         out: dict[str, Any] = {}
-        picks = [self._pick(j) for j in range(start, start + local)]
         kinds = [("instance", 0, self.instance_examples, self._inst_arrays, 2)]
         if self.with_prior:
             kinds.append(("class", 1, self.class_examples, self._class_arrays, 3))
         for kind, which, examples, arrays, stream in kinds:
-            idx = [p[which] for p in picks]
-            views = [self._view(arrays[i], stream, j) for i, j in zip(idx, range(start, start + local))]
-            out[f"{kind}_images"] = np.stack([v[0] for v in views])  # (b, R, R, 3)
+            js = [base + r for r in wanted[kind]]
+            idx = [self._pick(j)[which] for j in js]
+            views = [self._view(arrays[i], stream, j) for i, j in zip(idx, js)]
+            res = self.resolution
+            out[f"{kind}_images"] = (np.stack([v[0] for v in views]) if views
+                                     else np.zeros((0, res, res, 3), np.float32))  # (b, R, R, 3)
             out[f"{kind}_prompts"] = [examples[i].prompt for i in idx]
             out[f"{kind}_index"] = np.asarray(idx, np.int64)
             out[f"{kind}_flip"] = np.asarray([v[1] for v in views], bool)

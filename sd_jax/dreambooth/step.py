@@ -228,6 +228,78 @@ def concat_prior_batch(instance: dict[str, Any], prior: dict[str, Any] | None = 
     return out
 
 
+def process_rows(mesh: Mesh, rows: int) -> list[int]:
+    """The global batch rows this process's devices hold under :func:`sd_jax.sharding.batch_sharding`,
+    ascending: the order ``jax.make_array_from_process_local_data`` expects its local rows in."""
+    if rows % mesh.size:
+        raise ValueError(f"a global batch of {rows} rows cannot be split over {mesh.size} devices")
+    index = shd.batch_sharding(mesh).addressable_devices_indices_map((rows,))
+    return sorted({r for (sl,) in index.values() for r in range(*sl.indices(rows))})
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchLayout:
+    """Where the rows of one global micro-batch sit, whatever the number of processes.
+
+    Rows ``[0, batch_size)`` are the instance examples, then (prior preservation)
+    ``batch_size`` class rows, then padding rows (copies of row 0, ``valid = 0``) up to
+    a multiple of ``devices`` (the global device count): the batch one process builds
+    with :func:`concat_prior_batch` and :func:`pad_batch`. The step draws timesteps and
+    noise per global row (:func:`draw_randomness`), so a process must feed exactly the
+    rows its devices hold (:func:`process_rows`) for an N-process run to compute the
+    one-process update; concatenating each process's own instance and class rows would
+    reorder the rows and pair them with other draws.
+    """
+
+    batch_size: int
+    with_prior: bool
+    devices: int
+
+    @property
+    def real_rows(self) -> int:
+        return self.batch_size * (2 if self.with_prior else 1)
+
+    @property
+    def rows(self) -> int:
+        """Rows of the padded global batch."""
+        return self.real_rows + (-self.real_rows % self.devices)
+
+    def split(self, rows: list[int]) -> tuple[list[int], list[int], int]:
+        """Global rows (ascending) -> (instance rows, class rows, padding row count) among them."""
+        b = self.batch_size
+        instance = [r for r in rows if r < b]
+        prior = [r - b for r in rows if b <= r < self.real_rows]
+        return instance, prior, sum(r >= self.real_rows for r in rows)
+
+    @staticmethod
+    def assemble(instance: dict[str, Any] | None, prior: dict[str, Any] | None, pad: int,
+                 pad_row: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
+        """A process's rows in global order: its instance rows, its class rows, ``pad`` copies of
+        ``pad_row`` (the batch's row 0, one-row arrays); adds ``prior_mask`` and ``valid``."""
+        parts, mask, valid = [], [], []
+        for part, is_prior in ((instance, 0.0), (prior, 1.0)):
+            if part is not None:
+                n = len(next(iter(part.values())))
+                parts.append({k: np.asarray(v) for k, v in part.items()})
+                mask += [is_prior] * n
+                valid += [1.0] * n
+        if pad:
+            if pad_row is None:
+                raise ValueError(f"{pad} padding row(s) need the batch's row 0 (pad_row)")
+            parts.append({k: np.repeat(np.asarray(v)[:1], pad, axis=0) for k, v in pad_row.items()})
+            mask += [0.0] * pad
+            valid += [0.0] * pad
+        if not parts:
+            raise ValueError("no rows to assemble")
+        keys = set(parts[0])
+        if any(set(p) != keys for p in parts):
+            raise ValueError(f"batch parts carry different keys: {[sorted(p) for p in parts]}")
+        out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        out["prior_mask"] = np.asarray(mask, np.float32)
+        out["valid"] = np.asarray(valid, np.float32)
+        return out
+
+
 def _check_batch(batch: dict[str, Any], trainable: Any, frozen: Any, accum: int) -> None:
     """Trace-time checks with errors that say what the batch must carry."""
     unknown = sorted(set(batch) - set(KNOWN_KEYS))
