@@ -34,8 +34,8 @@ from sd_jax.dreambooth.config import TrainConfig
 from sd_jax.dreambooth.metrics import MetricsLogger, Progress, RunSummary
 from sd_jax.dreambooth.run_dir import RunDir, StopOnInterrupt, TrainingDiverged, TrainingInterrupted
 from sd_jax.dreambooth.optim import make_optimizer
-from sd_jax.dreambooth.step import (StepModels, abstract_train_state, concat_prior_batch, init_train_state,
-                                    make_train_step, pad_batch, place_frozen, split_params)
+from sd_jax.dreambooth.step import (BatchLayout, StepModels, abstract_train_state, init_train_state,
+                                    make_train_step, place_frozen, process_rows, split_params)
 
 log = logging.getLogger("sd_jax.dreambooth")
 
@@ -156,18 +156,23 @@ class BatchBuilder:
             part["pixel_values"] = np.asarray(rows[f"{kind}_images"], np.float32)
         return part
 
-    def micro_batch(self, position: int) -> dict[str, np.ndarray]:
-        """This process's rows of global micro-batch ``position``, padded to the local device count."""
-        rows = self.dataset.batch(position, process_index=jax.process_index(),
-                                  process_count=jax.process_count())
-        instance = self._part(rows, "instance")
-        prior = self._part(rows, "class") if self.config.with_prior_preservation else None
-        return pad_batch(concat_prior_batch(instance, prior), jax.local_device_count())
+    def micro_batch(self, position: int, mesh: Any) -> dict[str, np.ndarray]:
+        """The rows of global micro-batch ``position`` this process's devices hold (all rows in a
+        one-process run): the same rows, in the same places, whatever the process count (BatchLayout)."""
+        layout = BatchLayout(self.dataset.batch_size, self.config.with_prior_preservation, mesh.size)
+        instance_rows, class_rows, pad = layout.split(process_rows(mesh, layout.rows))
+        rows = self.dataset.rows(position, instance_rows + [0] * bool(pad), class_rows)  # row 0: the padding
+        instance = self._part(rows, "instance") if instance_rows or pad else None
+        prior = self._part(rows, "class") if class_rows else None
+        n = len(instance_rows)
+        pad_row = {k: v[n:] for k, v in instance.items()} if pad else None
+        instance = {k: v[:n] for k, v in instance.items()} if n else None
+        return layout.assemble(instance, prior, pad, pad_row)
 
-    def update_batch(self, position: int) -> dict[str, np.ndarray]:
+    def update_batch(self, position: int, mesh: Any) -> dict[str, np.ndarray]:
         """The micro-batches of one optimizer update, stacked (k, B, ...) when accumulating."""
         k = self.config.optim.grad_accum_steps
-        micro = [self.micro_batch(position + j) for j in range(k)]
+        micro = [self.micro_batch(position + j, mesh) for j in range(k)]
         if k == 1:
             return micro[0]
         return {key: np.stack([m[key] for m in micro]) for key in micro[0]}
@@ -317,7 +322,7 @@ def _train(config: TrainConfig, run: RunDir, *, pipe: Any, resume: bool | None, 
     try:
         for step in range(start, total):
             t0 = time.perf_counter()
-            batch = shd.host_local_batch_to_global(builder.update_batch(position), mesh,
+            batch = shd.host_local_batch_to_global(builder.update_batch(position, mesh), mesh,
     say = bar.write if jax.process_index() == 0 else (lambda message: None)
     say(_header(config, dataset, mesh, start, total, images_per_update))
     if start < total:
@@ -404,7 +409,8 @@ def _header(config: TrainConfig, dataset: Any, mesh: Any, start: int, total: int
 
 def _log_samples(pipe: Any, state: Any, config: TrainConfig, paths: RunPaths, logger: Any, step: int) -> None:
     """Validation images to samples/ and TensorBoard."""
-    result = sample_images(pipe, _host(state.params), config)
+    # On this process's first device: a multi-process jit refuses numpy inputs it must shard.
+    result = sample_images(pipe, jax.device_put(_host(state.params), jax.local_devices()[0]), config)
     if jax.process_index() != 0:
         return
     for i, (image, prompt) in enumerate(zip(result.images, result.prompts)):
