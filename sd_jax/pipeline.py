@@ -326,7 +326,8 @@ class StableDiffusion:
                          else sched.add_noise_at(state, init_latents, noise))
         run = sampling.compiled_denoise(self.unet, sched, mode, guided, mesh, report=progress is not None)
         with sampling.reporting(progress, run, (chunk, *shape), int(state.num_calls - state.start_index)):
-            latents = run(self.params["unet"], state, start, cond, uncond, guidance, keys, extra)
+            inputs = (self.params["unet"], state, start, cond, uncond, guidance, keys, extra)
+            latents = run(*jax.tree.map(jnp.asarray, inputs))  # numpy: refused by a jit of several processes
             images = np.asarray(self.decode_latents(latents))[:n]
         _check_finite(np.asarray(latents)[:n], images, req.seeds)
         nsfw = self.safety_checker(images)[0] if self.safety_checker is not None else None
