@@ -131,11 +131,33 @@ class DocumentTooLarge(ValueError):
     """A YAML/JSON document is past one of the limits above."""
 
 
-class _BoundedLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, counting nesting and alias-expanded values while composing."""
+try:  # libyaml's scanner and parser (10x faster); the composer that counts is PyYAML's, in Python
+    from yaml.cyaml import CParser as _Parser
+
+    def _init_parser(loader: Any, stream: str) -> None:
+        _Parser.__init__(loader, stream)
+except ImportError:  # PyYAML built without libyaml
+    from yaml.parser import Parser as _Parser
+    from yaml.reader import Reader
+    from yaml.scanner import Scanner
+
+    class _Parser(Reader, Scanner, _Parser):  # type: ignore[no-redef]
+        pass
+
+    def _init_parser(loader: Any, stream: str) -> None:
+        Reader.__init__(loader, stream)
+        Scanner.__init__(loader)
+        yaml.parser.Parser.__init__(loader)
+
+
+class _BoundedLoader(yaml.composer.Composer, _Parser, yaml.constructor.SafeConstructor, yaml.resolver.Resolver):
+    """``yaml.safe_load``'s loader, counting nesting and alias-expanded values while composing."""
 
     def __init__(self, stream: str, max_depth: int, max_nodes: int):
-        super().__init__(stream)
+        _init_parser(self, stream)
+        yaml.constructor.SafeConstructor.__init__(self)
+        yaml.resolver.Resolver.__init__(self)
+        yaml.composer.Composer.__init__(self)
         self._max_depth, self._max_nodes = max_depth, max_nodes
         self._depth = self._nodes = 0
         self._sizes: dict[str, int] = {}  # anchor -> values it stands for, aliases expanded
