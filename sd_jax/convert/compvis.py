@@ -35,7 +35,6 @@ from sd_jax.convert import limits
 from sd_jax.convert.core import WeightMismatchError, _listing
 from sd_jax.convert.files import read_weight_file
 from sd_jax.convert.model_files import ModelFiles, read_config
-from sd_jax.limits import short
 from sd_jax.models.clip import CLIPTextConfig
 from sd_jax.models.unet import UNetConfig
 from sd_jax.models.vae import VAEConfig
@@ -594,7 +593,7 @@ def configs_from_ldm_yaml(data: Mapping[str, Any], where: Any = "the YAML config
         values = value if isinstance(value, (list, tuple)) else [value]
         if not 1 <= len(values) <= 64 or any(isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 1 << 16
                                              for v in values):
-            raise ValueError(f"{where}: {key}={short(value)} is not valid; expected positive integers up to 65536")
+            raise ValueError(f"{where}: {key}={limits.short(value)} is not valid; expected positive integers up to 65536")
         return value
 
     params = get(data, "model", "params")
