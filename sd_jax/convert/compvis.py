@@ -593,7 +593,8 @@ def configs_from_ldm_yaml(data: Mapping[str, Any], where: Any = "the YAML config
         values = value if isinstance(value, (list, tuple)) else [value]
         if not 1 <= len(values) <= 64 or any(isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 1 << 16
                                              for v in values):
-            raise ValueError(f"{where}: {key}={limits.short(value)} is not valid; expected positive integers up to 65536")
+            raise ValueError(f"{where}: {key}={limits.short(value)} is not valid; "
+                             "expected positive integers up to 65536")
         return value
 
     params = get(data, "model", "params")
