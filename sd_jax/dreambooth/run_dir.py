@@ -64,8 +64,16 @@ def _short(path: Path | str, limit: int = 120) -> str:
 
 
 def umask() -> int:
-    """The process's file-creation mask (read without changing it for long)."""
-    mask = os.umask(0o022)
+    """The process's file-creation mask: from /proc on Linux (read without changing it, so a thread
+    creating files meanwhile is not affected), else set and restored at once."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o077)
     os.umask(mask)
     return mask
 
