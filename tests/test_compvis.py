@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -607,3 +608,39 @@ def test_full_size_full_ema_file_equals_diffusers(tmp_path):
     x = inputs(hw=(8, 8))
     want = reference(ref, pipe.tokenize(PROMPTS), x)
     assert_outputs_close(ours(pipe, x, text_emb=want["text"]), want, rel=1e-4)
+
+
+# ---- bounded and finite (issue 11) --------------------------------------------------------------
+
+@pytest.mark.parametrize("scale", [np.nan, np.inf])
+def test_non_finite_scale_factor_buffer_is_refused(ckpts, tmp_path, scale):
+    """A single file's scale_factor buffer becomes the VAE scaling_factor: NaN/inf is refused by name."""
+    save_safetensors(tmp_path / "bad.safetensors", {**ckpts["dict"], "scale_factor": np.array(scale, np.float32)})
+    with pytest.raises(ValueError, match=r"scaling_factor=(nan|inf)\b.*finite"):
+        load_model_files(tmp_path / "bad.safetensors")
+
+
+def test_scale_factor_buffer_of_many_values_is_one_line(ckpts, tmp_path):
+    save_safetensors(tmp_path / "bad.safetensors", {**ckpts["dict"], "scale_factor": np.ones(3, np.float32)})
+    with pytest.raises(ValueError, match=r"scale_factor buffer of shape \(3,\)"):
+        load_model_files(tmp_path / "bad.safetensors")
+
+
+_LAUGHS = "a0: &a0 [1, 1, 1, 1, 1, 1, 1, 1, 1]\n" + "".join(
+    f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]\n" for i in range(1, 10))
+
+
+@pytest.mark.parametrize(("yaml_text", "message"), [
+    (_LAUGHS + yaml.safe_dump({"model": {**V1_INFERENCE["model"], "params": {
+        **V1_INFERENCE["model"]["params"], "beta_schedule": "LAUGHS"}}}).replace("LAUGHS", "*a9"),
+     "expand it to over"),  # the old reader echoed the 9**9-item beta_schedule into its error
+    ("model:\n  params: " + "[" * 5000 + "]" * 5000 + "\n", "nested more than"),
+    ("x: &x [*x]\n", "recursive"),
+], ids=["billion-laughs", "deep", "recursive"])
+def test_hostile_ldm_yaml_is_refused(ckpts, tmp_path, yaml_text, message):
+    """A 383-byte billion-laughs YAML, a 5000-deep one and a recursive one: one line, before anything is built."""
+    config = tmp_path / "v1-inference.yaml"
+    config.write_text(yaml_text)
+    with pytest.raises(ValueError, match=message) as err:
+        load_model_files(ckpts["safetensors"], config=config)
+    assert "\n" not in str(err.value) and len(str(err.value)) < 400

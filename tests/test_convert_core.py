@@ -82,3 +82,49 @@ def test_ignored_buffers_reported():
 def test_unknown_leaf_is_an_error():
     with pytest.raises(ValueError, match="leaf 'weights'"):
         core.flax_path_to_torch_name(("a", "weights"))
+
+
+# --- non-finite weights are an error at load (issue 11) --------------------------------------------
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_weights_are_named(bad):
+    """One NaN/inf in a bias and one in a transposed kernel: one error naming both tensors."""
+    state = _state(np.random.default_rng(0))
+    state["conv.bias"][3] = bad
+    state["dense.weight"][5, 4] = bad  # the last element of a blocked (transposing) copy
+    with pytest.raises(core.NonFiniteWeightsError) as err:
+        core.load_state_dict(_target(), state, what="toy")
+    msg = str(err.value)
+    assert "toy weights hold NaN or infinite values in 2 tensor(s): conv.bias, dense.weight" in msg
+    assert "\n" not in msg
+
+
+def test_values_past_float16_range_are_refused_when_cast():
+    state = _state(np.random.default_rng(0))
+    state["norm.weight"][0] = 1e6  # finite in float32, infinite in float16
+    core.load_state_dict(_target(), state, what="toy")  # float32: fine
+    with pytest.raises(core.NonFiniteWeightsError, match="norm.weight"):
+        core.load_state_dict(_target(), state, what="toy", dtype=np.float16)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64, "bfloat16"])
+def test_all_finite(dtype):
+    import ml_dtypes
+
+    dtype = ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype
+    big = np.full(1000, ml_dtypes.finfo(dtype).max, dtype)  # its sum overflows, yet every value is finite
+    assert core.all_finite(big)
+    for bad in (np.nan, np.inf):
+        arr = np.ones(300_000, dtype)
+        arr[-1] = bad
+        assert not core.all_finite(arr)
+    assert core.all_finite(np.arange(5))
+
+
+def test_big_contiguous_tensor_checked_in_every_chunk():
+    """A NaN in the last chunk of a multi-chunk contiguous copy is found."""
+    sds = jax.ShapeDtypeStruct
+    state = {"norm.weight": np.ones(3 * core._CHUNK + 7, np.float32)}
+    state["norm.weight"][-1] = np.nan
+    with pytest.raises(core.NonFiniteWeightsError, match="norm.weight"):
+        core.load_state_dict({"norm": {"scale": sds((3 * core._CHUNK + 7,), np.float32)}}, state, what="toy")

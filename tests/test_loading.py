@@ -258,3 +258,31 @@ def test_deeply_nested_config_json_is_refused(tmp_path):
     path.write_text("[" * 5000 + "]" * 5000)
     with pytest.raises(ValueError, match="nested 5000 deep"):
         read_json(path)
+
+
+# --- nothing silently wrong: non-finite weights and config numbers (issue 11) ----------------------
+
+def test_nan_in_a_unet_bias_is_named_at_load(tiny_folder, tmp_path):
+    """One NaN in a UNet bias used to give black images with exit 0; now the load names the tensor."""
+    from sd_jax.convert.core import NonFiniteWeightsError
+
+    folder = _copy(tiny_folder, tmp_path)
+    file = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    state = {k: np.array(v) for k, v in read_state_dict(file).items()}
+    state["conv_in.bias"][0] = np.nan
+    save_safetensors(file, state)
+    with pytest.raises(NonFiniteWeightsError, match=r"unet weights hold NaN or infinite values in 1 tensor\(s\): "
+                                                    r"conv_in\.bias"):
+        StableDiffusion.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity"])
+def test_non_finite_vae_scaling_factor_is_refused(tiny_folder, tmp_path, value):
+    from sd_jax.convert.source import load_model_files
+
+    folder = _copy(tiny_folder, tmp_path)
+    config_file = folder / "vae" / "config.json"
+    text = json.dumps({**json.loads(config_file.read_text()), "scaling_factor": 1.5})
+    config_file.write_text(text.replace("1.5", value))
+    with pytest.raises(ValueError, match=r"vae/config\.json: .*scaling_factor=.*finite"):
+        load_model_files(folder)
