@@ -6,21 +6,18 @@ limit, so a regression fails the test instead of hanging the suite or exhausting
 from __future__ import annotations
 
 import json
-import os
-import resource
 import struct
 import subprocess
 import sys
 import textwrap
 import time
 import zipfile
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from sd_jax.convert import limits, torch_pickle
+from sd_jax.convert import limits
 from sd_jax.convert.files import CheckpointFormatError, read_state_dict
 from sd_jax.convert.limits import short
 
@@ -55,7 +52,8 @@ def _tuple(values: tuple[int, ...]) -> bytes:
 
 def _tensor(key: str, numel: int, size: bytes, stride: bytes, storage: str = "FloatStorage") -> bytes:
     """Opcodes of torch's _rebuild_tensor_v2(storage, 0, size, stride, False, OrderedDict())."""
-    pid = b"(" + _str("storage") + b"ctorch\n" + storage.encode() + b"\n" + _str(key) + _str("cpu") + _int(numel) + b"tQ"
+    pid = (b"(" + _str("storage") + b"ctorch\n" + storage.encode() + b"\n" + _str(key) + _str("cpu") + _int(numel)
+           + b"tQ")
     return (b"ctorch._utils\n_rebuild_tensor_v2\n(" + pid + _int(0) + size + stride + b"\x89"
             + b"ccollections\nOrderedDict\n)R" + b"tR")
 
@@ -157,3 +155,134 @@ def test_hostile_file_is_refused_quickly(hostile: dict[str, dict], name: str) ->
     assert outcome["seconds"] < 10, outcome
     expected = {"broadcast.bin": "expands far beyond", "inflate.bin": "zip bomb", "nones.bin": "zip bomb"}
     assert expected.get(name, "unfolded") in outcome["message"], outcome
+
+
+# --- in-process cases (fast on the old code too, so no child is needed) ----------------------------
+
+
+def test_short_is_bounded_for_any_value() -> None:
+    """Shared, cyclic, deep, huge and opaque values print in at most 80 characters, at once."""
+    shared: tuple = ()
+    for _ in range(200):
+        shared = (shared, shared)
+    cyclic: list = []
+    cyclic.append(cyclic)
+    deep: list = []
+    for _ in range(10_000):
+        deep = [deep]
+
+    class Loud:
+        def __repr__(self) -> str:
+            raise AssertionError("repr of an unknown object must never run")
+
+    start = time.perf_counter()
+    for value in (shared, cyclic, deep, 7 ** 100_000, "x" * 10_000_000, b"\x00" * 10_000_000, Loud(),
+                  {i: str(i) for i in range(100_000)}, np.zeros((1000, 1000)), (1,)):
+        text = short(value)
+        assert len(text) <= limits.ECHO_CHARS, text
+    assert time.perf_counter() - start < 1
+    assert short((1,)) == "(1,)" and short({"a": [1, None]}) == "{'a': [1, None]}"
+
+
+def test_deep_nesting_is_refused(tmp_path: Path) -> None:
+    """1000 nested lists as a value (no sharing): refused by depth, naming the limit."""
+    data = _dict([(_str("deep"), b"]" + b"(]" * 1000 + b"e" * 1000)])
+    path = _zip(tmp_path / "deep.bin", data)
+    with pytest.raises(CheckpointFormatError, match=rf"nests objects 100\d deep; the limit is {limits.MAX_NESTING}"):
+        read_state_dict(path)
+
+
+def test_long_tensor_size_is_echoed_short(tmp_path: Path) -> None:
+    """A 100k-entry size with one bad entry: the error shows a short prefix (it printed all 100k before)."""
+    size = b"(" + _int(1) * 100_000 + _int(-1) + b"t"
+    path = _zip(tmp_path / "size.bin", _dict([(_str("w"), _tensor("0", 1, size, _tuple((1,))))]),
+                {"0": bytes(4)})
+    with pytest.raises(CheckpointFormatError, match="tensor size must be a tuple of non-negative ints") as err:
+        read_state_dict(path)
+    assert len(str(err.value)) < 300
+
+
+def _patch_member(path: Path, member: str, flag: int | None = None, method: int | None = None) -> None:
+    """Set a member's general-purpose flag or compression method in its local and central headers."""
+    raw = bytearray(path.read_bytes())
+    name = member.encode()
+    for signature, flag_at, method_at, name_at in ((b"PK\x03\x04", 6, 8, 30), (b"PK\x01\x02", 8, 10, 46)):
+        at = raw.find(signature)
+        while at >= 0:
+            if raw[at + name_at:at + name_at + len(name)] == name:
+                if flag is not None:
+                    raw[at + flag_at:at + flag_at + 2] = struct.pack("<H", flag)
+                if method is not None:
+                    raw[at + method_at:at + method_at + 2] = struct.pack("<H", method)
+            at = raw.find(signature, at + 4)
+    path.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize(("member", "flag", "method", "message"), [
+    ("archive/data.pkl", 0x1, None, r"archive member 'archive/data.pkl' is encrypted"),
+    ("archive/data/0", 0x1, None, r"archive member 'archive/data/0' is encrypted"),
+    ("archive/data.pkl", None, 99, r"uses zip compression method 99, which sd_jax does not read"),
+    ("archive/data/0", None, 99, r"uses zip compression method 99"),
+], ids=["encrypted-pickle", "encrypted-storage", "method-pickle", "method-storage"])
+def test_zip_flags_are_one_line_errors(tmp_path: Path, member: str, flag, method, message: str) -> None:
+    """Encryption (a RuntimeError before) and unknown compression (NotImplementedError) name the file."""
+    path = _zip(tmp_path / "flags.bin", _dict([(_str("w"), _tensor("0", 1, _tuple((1,)), _tuple((1,))))]),
+                {"0": bytes(4)})
+    _patch_member(path, member, flag, method)
+    with pytest.raises(CheckpointFormatError, match=message) as err:
+        read_state_dict(path)
+    assert str(path) in str(err.value)
+
+
+def test_opcode_count_is_limited(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(limits, "MAX_PICKLE_OPCODES", 10_000)
+    path = _zip(tmp_path / "nones.bin", b"\x80\x02" + b"N" * 20_000 + b".")
+    with pytest.raises(CheckpointFormatError, match="more than 10000 opcodes"):
+        read_state_dict(path)
+
+
+def test_pickle_size_is_limited(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(limits, "MAX_PICKLE_BYTES", 1000)
+    path = _zip(tmp_path / "big.bin", _dict([(_str("note"), _str("x" * 2000))]))
+    with pytest.raises(CheckpointFormatError, match=r"data.pkl' is \d+ bytes, over the 1000-byte limit"):
+        read_state_dict(path)
+
+
+def test_materialised_bytes_are_limited_in_total(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Six stride-0 tensors, each small, together past the budget: refused (the old limit was per tensor)."""
+    monkeypatch.setattr(limits, "MATERIALISED_ALLOWANCE", 1 << 20)
+    data = _dict([(_str(f"w{i}"), _tensor("0", 1, _tuple((1 << 17,)), _tuple((0,)))) for i in range(6)])
+    path = _zip(tmp_path / "broadcast.bin", data, {"0": bytes(4)})
+    with pytest.raises(CheckpointFormatError, match="expands far beyond its size"):
+        read_state_dict(path)
+    one = _dict([(_str("w0"), _tensor("0", 1, _tuple((1 << 17,)), _tuple((0,))))])
+    path = _zip(tmp_path / "one.bin", one, {"0": bytes(4)})  # control: one such tensor is within the budget
+    assert read_state_dict(path)["w0"].shape == (1 << 17,)
+
+
+def test_compressed_storage_within_ratio_but_past_budget(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A storage compressed ~4x (under the ratio limit) whose inflated size passes the budget is refused."""
+    monkeypatch.setattr(limits, "MATERIALISED_ALLOWANCE", 1 << 20)
+    raw = np.random.default_rng(0).integers(0, 4, 8 << 20, dtype=np.uint8).tobytes()
+    data = _dict([(_str("w"), _tensor("0", len(raw), _tuple((len(raw),)), _tuple((1,)), "ByteStorage"))])
+    path = _zip(tmp_path / "packed.bin", data, {"0": raw}, compress={"/data/0": zipfile.ZIP_DEFLATED})
+    assert path.stat().st_size < len(raw) // 3
+    with pytest.raises(CheckpointFormatError, match="expands far beyond its size"):
+        read_state_dict(path)
+
+
+def test_compressed_storage_control_loads(tmp_path: Path) -> None:
+    """An honest deflated storage (ratio ~1) still loads, bit for bit."""
+    values = np.random.default_rng(0).standard_normal(1000).astype(np.float32)
+    data = _dict([(_str("w"), _tensor("0", 1000, _tuple((1000,)), _tuple((1,))))])
+    path = _zip(tmp_path / "deflated.bin", data, {"0": values.tobytes()}, compress={"/data/0": zipfile.ZIP_DEFLATED})
+    np.testing.assert_array_equal(read_state_dict(path)["w"], values)
+
+
+def test_deep_safetensors_header_is_refused(tmp_path: Path) -> None:
+    """A 5000-deep JSON header (a RecursionError before) is one line naming the file."""
+    header = ('{"__metadata__": ' + "[" * 5000 + "]" * 5000 + "}").encode()
+    path = tmp_path / "deep.safetensors"
+    path.write_bytes(len(header).to_bytes(8, "little") + header)
+    with pytest.raises(CheckpointFormatError, match=r"deep\.safetensors: safetensors header: JSON nested 5001 deep"):
+        read_state_dict(path)
