@@ -176,3 +176,22 @@ def test_help_shows_every_default(monkeypatch):
             assert "(default: " in (action.help or ""), action.dest
     assert "(default: 512)" in text and "(default: CompVis/stable-diffusion-v1-4)" in text
     assert "float16" in text  # the single file's dtype
+
+
+def test_a_run_of_an_older_sd_jax_is_adopted_only_with_overwrite(tmp_path):
+    """A run written before the marker existed (train config.json, Orbax step folders) is recognised: the
+    refusal says --overwrite adopts it, and --overwrite keeps its checkpoints, logs and config."""
+    out = tmp_path / "old"
+    (out / "checkpoints" / "2").mkdir(parents=True)
+    (out / "checkpoints" / "2" / "_CHECKPOINT_METADATA").write_text("{}")
+    (out / "logs").mkdir()
+    (out / "config.json").write_text('{"train": {}, "optim": {}, "concepts": [], "output_dir": "old"}')
+    before = _listing(out)
+    with pytest.raises(OutputDirError, match="older sd_jax, pass --overwrite to adopt"):
+        RunDir.open(out)
+    RunDir.open(out, overwrite=True).close()
+    assert (out / MARKER).is_file() and all(_listing(out)[k] == v for k, v in before.items())
+    # a user's folder that merely has a checkpoints/ of other things is not taken for one
+    mine = _users_folder(tmp_path)
+    with pytest.raises(OutputDirError, match="choose a new or empty folder"):
+        RunDir.open(mine)

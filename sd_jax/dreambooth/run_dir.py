@@ -83,6 +83,20 @@ def honour_umask(path: Path) -> None:
     os.chmod(path, 0o777 & ~umask())
 
 
+def _older_run(root: Path) -> bool:
+    """True when a folder without the marker holds exactly what an sd_jax run written before the marker
+    existed holds: a train config.json and checkpoints/ of Orbax step folders only."""
+    try:
+        config = json.loads((root / "config.json").read_text(encoding="utf-8"))
+        steps = list((root / "checkpoints").iterdir())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(config, dict) or not {"train", "optim", "concepts", "output_dir"} <= set(config):
+        return False
+    return bool(steps) and all(p.name.startswith(".") or (p.name.isdigit() and
+                                                          (p / "_CHECKPOINT_METADATA").is_file()) for p in steps)
+
+
 def _files(folder: Path) -> list[str]:
     return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if not p.is_dir())
 
@@ -127,12 +141,17 @@ class RunDir:
             raise OutputDirError(f"--output-dir {_short(root)!r} is a file, not a folder")
         entries = sorted(p.name for p in root.iterdir() if p.name != LOCK) if root.is_dir() else []
         if entries and not run.marker.is_file():
+            older = _older_run(root)
             if not overwrite:
                 shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
                 raise OutputDirError(
                     f"--output-dir {_short(root)!r} is not empty ({shown}) and is not an sd_jax run (no {MARKER}): "
-                    "choose a new or empty folder, or pass --overwrite to train in it beside its files")
-            clash = [name for name in OWNED if (root / name).exists()]
+                    + ("it looks like a run of an older sd_jax, pass --overwrite to adopt and resume it" if older
+                       else "choose a new or empty folder, or pass --overwrite to train in it beside its files"))
+            # An older sd_jax's run is adopted with its checkpoints, logs, samples and config (its final/ and
+            # single file are still refused: the marker cannot tell they are unchanged).
+            adopted = ("checkpoints", "logs", "samples", "config.json") if older else ()
+            clash = [name for name in OWNED if (root / name).exists() and name not in adopted]
             if clash:
                 raise OutputDirError(
                     f"--output-dir {_short(root)!r} already holds {', '.join(clash)}, which sd_jax did not write; "
