@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import jax
+import pytest
 import numpy as np
 import step_harness as H
 
@@ -80,3 +81,58 @@ def test_two_processes_equal_one(tmp_path):
         err = np.abs(got[name] - w).max() / np.abs(w).max()
         assert err <= 1e-5, f"{name}: max |diff| = {err:.2e} of its scale\n{report}"
     assert jax.process_count() == 1  # the test process itself stayed single-process
+
+
+# ------------------------------------------------------------------------- the launcher
+
+def _launch(tmp_path: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
+    return subprocess.run([sys.executable, "-m", "sd_jax.launch", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=TESTS.parent)
+
+
+def test_launcher_starts_one_job(tmp_path):
+    res = _launch(tmp_path, "--processes", "2", "--devices-per-process", "3", "--log-dir", str(tmp_path / "logs"),
+                  "--", str(TESTS / "launch_probe.py"), str(tmp_path))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "probe: process 0 of 2, 3 local / 6 devices, sum 3" in res.stdout  # process 0 streams here
+    assert "probe: process 1 of 2, 3 local / 6 devices, sum 3" in (tmp_path / "logs" / "process-1.log").read_text()
+    assert "process 1" not in res.stdout
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("failing", [0, 1])
+def test_launcher_ends_every_process_when_one_fails(tmp_path, failing):
+    """The others wait in a barrier the failed process never reaches: they are stopped after --grace,
+    none is left behind, and the launcher exits with the failure's status."""
+    t0 = time.monotonic()
+    res = _launch(tmp_path, "--processes", "2", "--devices-per-process", "1", "--grace", "1", "--log-dir",
+                  str(tmp_path / "logs"), "--", str(TESTS / "launch_probe.py"), str(tmp_path), f"--fail={failing}:3",
+                  "--hang")
+    elapsed = time.monotonic() - t0
+    assert res.returncode == 3, res.stderr[-3000:]
+    assert f"process {failing} failed with status 3" in res.stderr
+    if failing == 1:  # its output was in a log file: the launcher shows the end of it
+        assert "probe: process 1 fails with 3" in res.stderr
+    pids = [int((tmp_path / f"pid-{i}").read_text()) for i in range(2)]
+    assert not any(_alive(pid) for pid in pids), pids
+    assert elapsed < 120, f"the launcher took {elapsed:.0f} s to stop a hung process"
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--processes", "0", "--", "x.py"], "--processes 0"),
+    (["--processes", "2"], "no command given"),
+    (["--processes", "2", "--", "missing_script.py"], "missing_script.py"),
+    (["--processes", "2", "--devices-per-process", "-1", "--", "generate.py"], "--devices-per-process -1"),
+])
+def test_launcher_bad_flags_one_line(tmp_path, args, match):
+    res = _launch(tmp_path, *args, timeout=60)
+    assert res.returncode == 2 and match in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1, res.stderr
