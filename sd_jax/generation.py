@@ -262,7 +262,7 @@ def run(config: GenerateConfig, pipe: Any = None) -> RunResult:
     the model loads. ``pipe``: an already loaded
     :class:`~sd_jax.pipeline.StableDiffusion` to reuse.
     """
-    from sd_jax import outputs
+    from sd_jax import multihost, outputs
 
     cfg = config
     init = open_input(cfg.init_image, "--init-image")
@@ -277,6 +277,9 @@ def run(config: GenerateConfig, pipe: Any = None) -> RunResult:
 
     t_start = time.perf_counter()
     if pipe is None:
+        from sd_jax.sharding import initialize_distributed
+
+        initialize_distributed()  # joins a multi-process job when the environment describes one (before JAX starts)
         from sd_jax.pipeline import StableDiffusion
 
         print(f"loading {cfg.model} ({cfg.dtype}) ...", flush=True)
@@ -307,8 +310,9 @@ def run(config: GenerateConfig, pipe: Any = None) -> RunResult:
     first_image_at = None
     t_gen = time.perf_counter()
     try:
-        for b, request in enumerate(cfg.requests(init, mask)):
-            result = pipe.run(first if b == 0 else request, progress=bar)
+        for number, request in multihost.share_requests(cfg, writer.index, init, mask):  # this process's share
+            writer.index = number
+            result = pipe.run(request, progress=bar)
             paths = writer.write(result)
             written += paths
             flagged += [path for path, bad in zip(paths, result.nsfw or []) if bad]
