@@ -172,7 +172,8 @@ def test_cli_errors_are_one_line_exit_2(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "PNG image" in lines[0], proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("python -m sd_jax.convert: error: "), proc.stderr
+    assert "PNG image" in lines[0]
     assert not (tmp_path / "o").exists()
 
 
@@ -230,3 +231,59 @@ def test_inpainting_index_and_open_clip_single_file_refusal(pipe):
     open_clip = CLIPTextConfig(hidden_size=32, num_attention_heads=4, hidden_act="gelu")
     with pytest.raises(ValueError, match="save_pretrained"):
         diffusers_to_compvis({"unet": {}, "vae": {}, "text_encoder": {}}, configs["unet"], configs["vae"], open_clip)
+
+
+# ---- the destination's name decides the format (issue 11) ----------------------------------------
+
+@pytest.mark.parametrize(("name", "kind"), [("out.safetensors", "single"), ("OUT.SafeTensors", "single"),
+                                            ("out", "folder"), ("sd-v1.5/", "folder")])
+def test_destination_kind(tmp_path, name, kind):
+    assert export.destination_kind(str(tmp_path / name) + ("/" if name.endswith("/") else "")) == kind
+
+
+def test_existing_dotted_folder_is_a_folder(tmp_path):
+    (tmp_path / "sd-v1.5").mkdir()
+    assert export.destination_kind(tmp_path / "sd-v1.5") == "folder"
+
+
+@pytest.mark.parametrize(("name", "message"), [
+    ("x.ckpt", "sd_jax writes .safetensors only, never pickles"), ("x.bin", "never pickles"),
+    ("x.pt", "never pickles"), ("x.gguf", "unknown output suffix '.gguf'"), ("sd-v1.5", "unknown output suffix"),
+])
+def test_cli_refuses_pickle_and_unknown_destinations(tiny_dir, tmp_path, capsys, name, message):
+    """`python -m sd_jax.convert SRC x.ckpt` wrote a *folder* named x.ckpt; now one line, exit 2, nothing written."""
+    assert main([str(tiny_dir), str(tmp_path / name)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_trailing_slash_writes_a_dotted_folder(tiny_dir, tmp_path):
+    assert main([str(tiny_dir), str(tmp_path / "sd-v1.5") + "/"]) == 0
+    assert (tmp_path / "sd-v1.5" / "model_index.json").is_file()
+
+
+def test_cli_refuses_non_finite_weights_before_writing(tiny_dir, tmp_path, capsys):
+    import shutil
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny_dir, src)
+    file = src / "vae" / "diffusion_pytorch_model.safetensors"
+    state = {k: np.array(v) for k, v in load_safetensors(file)[0].items()}
+    state["decoder.conv_out.bias"][0] = np.inf
+    export.save_safetensors(file, state)
+    assert main([str(src), str(tmp_path / "out.safetensors")]) == 2
+    assert "vae weights hold NaN or infinite values in 1 tensor(s): decoder.conv_out.bias" in capsys.readouterr().err
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_cli_bug_is_traceback_and_exit_1(tiny_dir, tmp_path, capsys, monkeypatch):
+    """An unexpected exception is not dressed up as a user error: traceback, a request to report, exit 1."""
+    def broken(*args, **kwargs):
+        raise KeyError("internal table")
+
+    monkeypatch.setattr("sd_jax.convert.__main__.convert", broken)
+    assert main([str(tiny_dir), str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and "KeyError: 'internal table'" in err
+    assert err.strip().splitlines()[-1].startswith("python -m sd_jax.convert: internal error (KeyError): this is a bug")

@@ -1,9 +1,10 @@
 """Pieces every sd_jax command line shares: one-line errors, exit codes, cheap early checks.
 
 A bad value ends a command with ONE line on stderr (``prog: error: ...``) and
-exit status 2, never a traceback; the checks here are cheap (argument values,
-files exist and are readable, the output folder is writable) so they run
-before any model is loaded.
+exit status 2, never a traceback (a bug gets its traceback, a line asking for a
+report, and exit 1); the checks here are cheap (argument values, files exist
+and are readable, the output folder is writable) so they run before any model
+is loaded.
 """
 
 from __future__ import annotations
@@ -12,18 +13,22 @@ import argparse
 import os
 import sys
 import tempfile
+import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 EXIT_OK = 0
+EXIT_BUG = 1          # an unexpected exception: a bug in sd_jax (traceback + a request to report it)
 EXIT_USAGE = 2        # a bad value or an unusable file: the user can fix it
 EXIT_INTERRUPTED = 130
 
 # The compute dtypes sd_jax.pipeline.parse_dtype accepts (kept literal so `--help` needs no model code).
 DTYPE_CHOICES = ("float32", "bfloat16", "float16")
 
-# Errors a user can fix; anything else is a bug and keeps its traceback.
+# Errors a user can fix; anything else is a bug and keeps its traceback. The loader's own errors
+# (CheckpointFormatError, UnsafeCheckpointError, WeightMismatchError, NonFiniteWeightsError,
+# ShardIndexError, InputLimitError: ValueError; ModelFolderError, HubDownloadError: OSError) are among them.
 USER_ERRORS = (ValueError, OSError)
 
 
@@ -46,16 +51,34 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {one_line(message)} (see --help)\n")
 
 
-def run_main(prog: str, body: Callable[[], Any]) -> int:
-    """Call ``body()``; a user error becomes one stderr line and exit 2, Ctrl-C exit 130."""
+def run_main(prog: str, body: Callable[[], Any], *, passthrough: tuple[type[BaseException], ...] = ()) -> int:
+    """Call ``body()`` and turn what it raises into an exit status.
+
+    A user error (``USER_ERRORS``: bad values, unusable files, and every loader error, which all
+    derive from them) is one stderr line and exit 2; Ctrl-C exit 130; any other exception is a
+    bug: its traceback, one line asking for a report, exit 1. ``passthrough`` exception types
+    propagate unchanged, for callers that give them their own exit status.
+    """
     try:
         body()
+    except passthrough:
+        raise
     except USER_ERRORS as err:
         return print_error(prog, err)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except Exception as err:  # noqa: BLE001 (everything else is a bug, reported as one)
+        return print_bug(prog, err)
     return EXIT_OK
+
+
+def print_bug(prog: str, err: BaseException) -> int:
+    """Print the traceback of an unexpected exception and one line asking for a report; return EXIT_BUG."""
+    traceback.print_exception(err, file=sys.stderr)
+    print(f"{prog}: internal error ({type(err).__name__}): this is a bug in sd_jax, not a problem with your input; "
+          "please report it with the traceback above and the command you ran", file=sys.stderr)
+    return EXIT_BUG
 
 
 def check_model_source(model: str) -> None:

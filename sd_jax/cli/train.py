@@ -160,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
-        return common.run_main(PROG, lambda: run(args))
+        return common.run_main(PROG, lambda: run(args), passthrough=(TrainingInterrupted, TrainingDiverged))
     except TrainingInterrupted as stop:
         print(f"{PROG}: {common.one_line(stop)}", file=sys.stderr)
         return common.EXIT_INTERRUPTED

@@ -5,8 +5,9 @@
     python -m sd_jax.convert model.ckpt out/ --no-ema                   # raw UNet weights (for training)
     python -m sd_jax.convert custom.ckpt out/ --config v1-inference.yaml
 
-DST ending in ``.safetensors`` gets the single-file layout, anything else a diffusers folder.
-Errors are printed as one line and exit with status 2.
+DST's name decides the format: ``*.safetensors`` the single-file layout, a name without a suffix
+(or ending in ``/``) a diffusers folder; ``.ckpt``/``.bin`` (pickles) and other suffixes are refused.
+A bad input is one line and exit status 2; a bug, its traceback and exit status 1.
 """
 
 from __future__ import annotations
@@ -14,17 +15,21 @@ from __future__ import annotations
 import argparse
 import sys
 
+from sd_jax.cli import common
 from sd_jax.convert.export import EXPORT_DTYPES, convert
+
+PROG = "python -m sd_jax.convert"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line."""
-    parser = argparse.ArgumentParser(
-        prog="python -m sd_jax.convert",
+    parser = common.ArgumentParser(
+        prog=PROG,
         description="Convert Stable Diffusion weights: diffusers folder, CompVis .ckpt/.safetensors or hub id "
-                    "-> diffusers folder, or -> CompVis .safetensors when DST ends in .safetensors.")
+                    "-> diffusers folder (DST without a suffix), or -> CompVis .safetensors (DST ending in "
+                    ".safetensors). sd_jax never writes pickles (.ckpt/.bin).")
     parser.add_argument("src", help="diffusers folder, .ckpt/.safetensors file, or hub id (org/name)")
-    parser.add_argument("dst", help="output folder, or a file name ending in .safetensors")
+    parser.add_argument("dst", help="output folder (no suffix, or ending in /), or a file name ending in .safetensors")
     parser.add_argument("--dtype", choices=sorted(EXPORT_DTYPES),
                         help="weight dtype of the output (default: float32 for a folder, float16 for a single file)")
     parser.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
@@ -38,25 +43,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def one_line(err: BaseException) -> str:
-    """An exception as one line: its lines joined, its type named when the message is empty."""
-    text = "; ".join(line.strip() for line in str(err).splitlines() if line.strip())
-    return text or type(err).__name__
-
-
 def main(argv: list[str] | None = None) -> int:
-    """Run the conversion; 0 on success, 2 with one error line on failure."""
+    """Run the conversion: 0 on success, 2 with one line for a bad input, 1 with a traceback for a bug."""
     args = parse_args(argv)
     hub = {k: v for k, v in (("revision", args.revision), ("token", args.token), ("cache_dir", args.cache_dir))
            if v is not None}
-    try:
+
+    def run() -> None:
         out = convert(args.src, args.dst, dtype=args.dtype, use_ema=args.ema, config=args.config,
                       overwrite=args.overwrite, variant=args.variant, **hub)
-    except (ValueError, OSError, KeyError, TypeError) as err:
-        print(f"error: {one_line(err)}", file=sys.stderr)
-        return 2
-    print(f"wrote {out}")
-    return 0
+        print(f"wrote {out}")
+
+    return common.run_main(PROG, run)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ import numpy as np
 from sd_jax.convert import core
 from sd_jax.convert.compvis import SD_V1_SCHEDULER, diffusers_to_compvis
 from sd_jax.convert.files import save_safetensors
+from sd_jax.convert.limits import short
 from sd_jax.models.clip import CLIPTextConfig
 
 MODEL_KEYS = ("text_encoder", "unet", "vae")
@@ -264,26 +265,59 @@ def validate_states(configs: Mapping[str, Any], states: Mapping[str, Mapping[str
     return skipped
 
 
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
+
+
+def destination_kind(destination: str | os.PathLike) -> str:
+    """What a destination's name asks for: "single" (``.safetensors``) or "folder"; anything else raises.
+
+    A folder is a name without a suffix, a name ending in a path separator, or an existing folder
+    (so ``sd-v1.5/`` is a folder). Pickle suffixes (``.ckpt``, ``.bin``, ...) are refused: sd_jax
+    never writes pickles. Any other suffix is refused rather than guessed.
+    """
+    text = os.fspath(destination)
+    path = Path(text).expanduser()
+    if text.endswith(("/", os.sep)) or path.is_dir():
+        return "folder"
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        return "single"
+    if suffix in PICKLE_SUFFIXES:
+        raise ValueError(f"{short(text, 200)}: sd_jax writes .safetensors only, never pickles ({suffix} files can run "
+                         "code when loaded); name the output *.safetensors (diffusers' from_single_file, AUTOMATIC1111 "
+                         "and ComfyUI read it) or give a folder name for a diffusers folder")
+    if suffix:
+        raise ValueError(f"{short(text, 200)}: unknown output suffix {short(suffix, 20)}; use a name ending in "
+                         ".safetensors for a single file, or a folder name without a suffix (end it with '/' to keep "
+                         "a dotted folder name)")
+    return "folder"
+
+
 def convert(source: str | Path, destination: str | Path, *, dtype: Any = None, use_ema: bool = True,
             config: str | Path | None = None, overwrite: bool = False, variant: str | None = None,
             **hub_options: Any) -> Path:
     """Convert between a diffusers folder, a CompVis single file and a hub id (the CLI's work).
 
-    ``destination`` ending in ``.safetensors`` gets the CompVis single-file layout (default
-    float16), anything else a diffusers folder (default float32). The weights are checked
-    strictly against the model before anything is written.
+    The destination's name decides the format (:func:`destination_kind`): ``*.safetensors`` gets
+    the CompVis single-file layout (default float16), a folder name a diffusers folder (default
+    float32). The weights are checked strictly against the model, and for finite values, before
+    anything is written.
     """
     from sd_jax.convert.source import load_model_files
     from sd_jax.tokenizer import load_tokenizer
 
+    single = destination_kind(destination) == "single"
     destination = Path(destination).expanduser()
-    single = destination.suffix.lower() == ".safetensors"
     dtype = dtype or ("float16" if single else "float32")
     export_dtype(dtype)  # fail on a bad dtype before reading anything
     check_destination(destination, overwrite, folder=not single)
     files = load_model_files(source, variant=variant, use_ema=use_ema, config=config, **hub_options)
     skipped = validate_states(files.configs, files.states)
     states = {name: {k: v for k, v in files.states[name].items() if k not in skipped[name]} for name in MODEL_KEYS}
+    for name in MODEL_KEYS:
+        bad = [k for k, v in states[name].items() if not core.all_finite(np.asarray(v))]
+        if bad:
+            raise core.non_finite_error(name.replace("_", " "), bad)
     state_fn = states.__getitem__
     if single:
         return write_single_file(destination, configs=files.configs, state_fn=state_fn, dtype=dtype,
