@@ -31,7 +31,7 @@ MAX_JSON_BYTES = 64 << 20       # a config.json or an *.index.json (real ones: <
 MAX_YAML_BYTES = 1 << 20        # a CompVis .yaml (v1-inference.yaml: 2 KB)
 MAX_YAML_NODES = 100_000        # values in a YAML document with its aliases expanded (v1-inference.yaml: ~100)
 MAX_PICKLE_BYTES = 64 << 20     # a torch.save data.pkl (SD v1 full-EMA .ckpt: ~0.3 MB)
-MAX_PICKLE_OPCODES = 4_000_000  # (SD v1 full-EMA .ckpt: ~40k; ~15 per tensor)
+MAX_PICKLE_OPCODES = 2_000_000  # (~15 per tensor: SD v1 full-EMA .ckpt ~40k; scanning 2M takes ~2 s)
 MAX_INFLATION_RATIO = 100       # inflated / stored bytes of a compressed member (torch.save stores, ratio 1)
 MATERIALISED_ALLOWANCE = 256 << 20  # bytes a load may make beyond its file's size
 

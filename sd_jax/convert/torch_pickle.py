@@ -31,7 +31,17 @@ Everything else (``os.system``, ``builtins.eval``, ``subprocess.Popen``, ...) ra
 Beyond find_class: the objects handed to the pickle are sealed (a hostile BUILD cannot mutate
 them), the allowlist is rebuilt per load, EXT1/2/4 opcodes (which bypass find_class through
 copyreg's process-wide cache) are refused, and every storage reference is bounds-checked before
-any view is made. Tensors are returned as numpy arrays; a contiguous tensor is a view of its
+any view is made.
+
+Bounded (limits in ``sd_jax.convert.limits``): before unpickling, the pickle's size and opcode
+count are capped and its opcodes are pre-scanned (never run) to bound how deep its objects nest
+and how large they are with shared parts unfolded, which is what hashing or comparing them costs;
+zip members that are encrypted, use an unknown compression method or inflate more than
+``MAX_INFLATION_RATIO`` times are refused; and every byte made in memory (storages read, strided
+tensors copied) is charged to a budget of twice the file's size plus an allowance, checked before
+allocating. Values from the file are echoed into errors only through ``limits.short``.
+
+Tensors are returned as numpy arrays; a contiguous tensor is a view of its
 storage, so tensors saved as views of one storage share memory, as they do in torch.
 """
 from __future__ import annotations
