@@ -297,7 +297,7 @@ def test_images_html_has_every_image_and_caption():
 
 
 def test_save_images_writes_numbered_pngs_with_metadata(tmp_path):
-    from sd_jax.cli.generate import GenerateConfig, image_metadata
+    from sd_jax.outputs import image_metadata
 
     (tmp_path / "00004-mine.txt").write_text("keep")
     paths = notebook.save_images(_result(), tmp_path, model="m/odel", dtype="float32", grid=True)
@@ -306,8 +306,8 @@ def test_save_images_writes_numbered_pngs_with_metadata(tmp_path):
         meta = dict(img.text)
     assert (meta["seed"], meta["prompt"], meta["negative_prompt"], meta["model"]) == ("4", "a cat", "blurry", "m/odel")
     assert (meta["steps"], meta["scheduler"], meta["guidance_scale"], meta["width"]) == ("2", "ddim", "7.5", "24")
-    cli_keys = set(image_metadata(GenerateConfig(model="m", prompts=("p",)), "p", 0, "ddim", "float32"))
-    assert set(meta) - {"parameters"} <= cli_keys  # the keys generate.py writes
+    cli_keys = set(image_metadata(_result(), 0, model="m", dtype="float32"))
+    assert set(meta) - {"parameters"} == cli_keys  # the one schema generate.py writes too
     with Image.open(paths[2]) as img:
         assert img.size == (48, 16) and img.text["seeds"] == "3 4"
     again = notebook.save_images(_result(seeds=(9,), prompts=("x",)), tmp_path, model="m", dtype="float32")
@@ -373,3 +373,72 @@ def test_show_comparison_pairs_images(capsys):
     assert "seed 3: a cat: before 24x16, after 24x16" in out and "seed 4" in out
     with pytest.raises(ValueError, match="same prompts and seeds"):
         notebook.show_comparison(_result(), _result(seeds=(5, 6)))
+
+
+# ----------------------------------------------------------------------------- the install cell
+
+
+def _install_cell(name: str) -> str:
+    """The install cell's code with IPython syntax (``%pip``) turned into Python calls."""
+    import nbformat
+
+    pytest.importorskip("IPython")
+    from IPython.core.inputtransformer2 import TransformerManager
+
+    nb = nbformat.read(NOTEBOOK_DIR / f"{name}.ipynb", as_version=4)
+    source = next(c.source for c in nb.cells if c.cell_type == "code" and "SD_JAX_SOURCE" in c.source)
+    return TransformerManager().transform_cell(source)
+
+
+class _Shell:
+    """Records the magics a cell runs instead of running them."""
+
+    def __init__(self):
+        self.magics = []
+
+    def run_line_magic(self, name, line, *args, **kwargs):
+        self.magics.append((name, line))
+
+
+def _run_install(name: str, monkeypatch, source: str | None, installed: bool) -> tuple[_Shell, str | None]:
+    if source is None:
+        monkeypatch.delenv("SD_JAX_SOURCE", raising=False)
+    else:
+        monkeypatch.setenv("SD_JAX_SOURCE", source)
+    if not installed:
+        monkeypatch.setitem(sys.modules, "sd_jax", None)  # `import sd_jax` raises ImportError
+    shell = _Shell()
+    try:
+        exec(_install_cell(name), {"get_ipython": lambda: shell})
+    except SystemExit as stop:
+        return shell, str(stop)
+    return shell, None
+
+
+@pytest.mark.parametrize("name", ["generate", "dreambooth"])
+def test_install_cell_installs_from_sd_jax_source_or_stops_with_one_instruction(name, monkeypatch, capsys):
+    shell, stopped = _run_install(name, monkeypatch, source=None, installed=False)
+    assert shell.magics == [] and stopped is not None
+    assert "SD_JAX_SOURCE" in stopped and "python -m build" in stopped and "<owner>" not in stopped
+    shell, stopped = _run_install(name, monkeypatch, source="/content/sd_jax", installed=False)
+    assert stopped is None and len(shell.magics) == 1
+    assert shell.magics[0][0] == "pip" and '"$SD_JAX_SOURCE"' in shell.magics[0][1]
+    monkeypatch.delitem(sys.modules, "sd_jax")
+    import sd_jax  # noqa: F401 - back in sys.modules
+
+    shell, stopped = _run_install(name, monkeypatch, source=None, installed=True)
+    assert stopped is None and shell.magics == [] and "using the installed sd_jax" in capsys.readouterr().out
+
+
+def test_notebook_dtype_advice_matches_default_dtype():
+    import nbformat
+
+    gpu = notebook.RuntimeInfo("gpu", "Tesla T4", 1, 1, 1, 16 * 2**30, "7.5", "Colab", "0", "0", "")
+    assert notebook.default_dtype(gpu) == "float16"
+    assert notebook.default_dtype(dataclasses.replace(gpu, compute_capability="8.0")) == "bfloat16"
+    for name in ("generate", "dreambooth"):
+        nb = nbformat.read(NOTEBOOK_DIR / f"{name}.ipynb", as_version=4)
+        text = " ".join(" ".join(c.source for c in nb.cells if c.cell_type == "markdown").split())
+        assert "float16 on older GPUs (T4, P100, V100" in text, name
+        code = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
+        assert 'notebook.setting("SD_JAX_DTYPE", notebook.default_dtype())' in code, name
