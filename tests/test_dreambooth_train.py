@@ -369,3 +369,38 @@ def test_v_prediction_models_train_on_velocity(tiny_folder, tmp_path):
     got = np.asarray(training_target(models.prediction_type, models.alphas_cumprod, x0, noise, t))
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     assert not np.allclose(got, noise, atol=0.1)
+
+
+# XLA's own "Very slow compile?" banner (C++ logging) on a loaded machine: not sd_jax's output
+_XLA_ALARM = re.compile(r"^([EWI]\d{4} [\d:.]+ +\d+ \S+\.cc:\d+\]|\*+$|\[Compiling module )")
+
+
+@pytest.mark.slow  # a real process: JAX start-up, model load and compile (~1 minute on a quiet machine)
+def test_ctrl_c_in_a_real_process_is_one_line_and_resumable(tiny_folder, tmp_path):
+    """SIGINT to train_dreambooth.py mid-run: exit 130, one stderr line (no background-thread tracebacks at
+    exit, never swallowed), and the checkpoint of the step it stopped at verifies and restores."""
+    from sd_jax.dreambooth.checkpoint import Checkpointer
+
+    instance = _subject_images(tmp_path / "dog")
+    out = tmp_path / "run"
+    args = [sys.executable, str(ROOT / "train_dreambooth.py"), "--model", str(tiny_folder), "--instance-dir",
+            str(instance), "--instance-prompt", "a photo of sks dog", "--resolution", str(RES),
+            "--max-train-steps", "100000", "--checkpoint-every", "100000", "--no-progress", "--output-dir", str(out),
+            "--set", "logging.log_every=1"]
+    env = {**os.environ, "SD_JAX_COMPILATION_CACHE": "0", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    proc = subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log = out / "logs" / "metrics.jsonl"
+    deadline = time.time() + 500
+    while time.time() < deadline and proc.poll() is None and not (log.is_file() and log.read_text().count("\n") >= 2):
+        time.sleep(0.1)
+    assert proc.poll() is None, proc.stderr.read()[-3000:]
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    lines = [line for line in err.splitlines() if line.strip() and not _XLA_ALARM.match(line)]
+    assert proc.returncode == 130, err[-3000:]
+    assert len(lines) == 1 and "interrupted at step" in lines[0] and "Traceback" not in err, err[-3000:]
+    step = int(re.search(r"interrupted at step (\d+)", lines[0]).group(1))
+    assert step >= 2
+    with Checkpointer(out / "checkpoints", keep=2) as ckpt:
+        assert ckpt.all_steps() == [step] and ckpt.verify(step) is True
+        assert ckpt.read_meta(step)["step"] == step
