@@ -173,6 +173,9 @@ def test_apply_overrides_mappings_dotted_keys_and_strings(tmp_path):
         apply_overrides(out, ["concepts.3.x=1"], what="--set")
     with pytest.raises(ConfigError, match="bad key"):
         apply_overrides({}, {"optim..learning_rate": 1})
+    for index in ("²", "9" * 5000, "-1"):
+        with pytest.raises(ConfigError, match="is not an index of a list of 1"):
+            apply_overrides(out, {f"concepts.{index}.x": 1})
 
 
 def test_lr_schedules_are_built_once(monkeypatch):

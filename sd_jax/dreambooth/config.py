@@ -510,7 +510,7 @@ def _set_path(d: dict, dotted: str, value: Any, where: str) -> None:
     for i, part in enumerate(parts):
         here, last = ".".join(parts[: i + 1]), i == len(parts) - 1
         if isinstance(node, list):
-            if not part.isdigit() or int(part) >= len(node):
+            if not (part.isascii() and part.isdigit() and len(part) <= 9) or int(part) >= len(node):
                 raise ConfigError(f"{where}: {short(here)} is not an index of a list of {len(node)}")
             part = int(part)
         elif not isinstance(node, dict):
