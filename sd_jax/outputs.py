@@ -34,9 +34,12 @@ def next_grid_index(outdir: Path) -> int:
     return max(numbers, default=-1) + 1
 
 
-def image_metadata(result: Any, index: int, *, model: str, dtype: str,
+def image_metadata(result: Any, index: int, *, model: str | None = None, dtype: str | None = None,
                    extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The PNG text of image ``index`` of a :class:`~sd_jax.pipeline.GenerationResult`.
+
+    ``model``/``dtype`` default to the result's (the pipeline's source and compute dtype); a caller may
+    name the model as its user did (a hub id rather than the cache folder).
 
     Keys: prompt, negative_prompt, steps, scheduler, guidance_scale, seed, width,
     height, model, dtype, batch_size (images per compiled call: pixel-exact
@@ -49,7 +52,9 @@ def image_metadata(result: Any, index: int, *, model: str, dtype: str,
     meta = {"prompt": result.prompts[index], "negative_prompt": result.negative_prompts[index],
             "steps": result.num_inference_steps, "scheduler": result.scheduler,
             "guidance_scale": result.guidance_scales[index], "seed": result.seeds[index],
-            "width": result.width, "height": result.height, "model": model, "dtype": dtype,
+            "width": result.width, "height": result.height,
+            "model": model if model is not None else getattr(result, "model", ""),
+            "dtype": dtype if dtype is not None else getattr(result, "dtype", ""),
             "batch_size": (request.batch_size or request.total) if request is not None else len(result.images)}
     if request is not None:
         meta.update(eta=request.eta, clip_skip=request.clip_skip)

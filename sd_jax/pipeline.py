@@ -334,7 +334,8 @@ class StableDiffusion:
         if nsfw is not None and any(nsfw):
             log.info("the safety checker flagged image(s) with seed(s) %s",
                      [seed for seed, flag in zip(req.seeds, nsfw) if flag])
-        return GenerationResult.of(req, name, images, nsfw)
+        return dataclasses.replace(GenerationResult.of(req, name, images, nsfw), model=self.source,
+                                   dtype=np.dtype(self.unet.dtype).name)
 
     def _encode_posterior(self, images_01: jax.Array, keys: jax.Array) -> jax.Array:
         """Scaled latents sampled from the VAE posterior, image b with its own key."""
@@ -363,6 +364,8 @@ class GenerationResult:
     width: int
     nsfw: list[bool] | None = None
     request: GenerationRequest | None = None  # the whole request (eta, strength, clip skip, batch size, ...)
+    model: str = ""   # the pipeline's source (folder, file or hub id)
+    dtype: str = ""   # its compute dtype
 
     @classmethod
     def of(cls, request: GenerationRequest, scheduler: str, images: np.ndarray, nsfw: list[bool] | None,
@@ -381,7 +384,9 @@ class GenerationResult:
             return dataclasses.replace(parts[0], request=request)
         nsfw = None if parts[0].nsfw is None else [f for p in parts for f in p.nsfw]
         array = np.concatenate([p.array for p in parts], axis=0)
-        return cls.of(request, parts[0].scheduler, array, nsfw, [im for p in parts for im in p.images])
+        return dataclasses.replace(cls.of(request, parts[0].scheduler, array, nsfw,
+                                          [im for p in parts for im in p.images]),
+                                   model=parts[0].model, dtype=parts[0].dtype)
 
 
 def _padded_batch(request: GenerationRequest, devices: int) -> int:

@@ -41,6 +41,7 @@ from PIL import Image
 
 from sd_jax.dreambooth import config as config_schema
 from sd_jax.images import open_image, save_png, to_rgb
+from sd_jax.outputs import image_metadata
 
 log = logging.getLogger("sd_jax")
 
@@ -270,10 +271,8 @@ def ensure_class_images(pipe: Any, concept: Concept, *, resolution: int, batch_s
             result = pipe.generate([concept.class_prompt] * len(index), height=resolution, width=resolution,
                                    num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                                    scheduler=scheduler, seed=[seed + i for i in index], batch_size=len(index))
-            for i, img in zip(index, result.images):
-                meta = {"prompt": concept.class_prompt, "seed": seed + i, "steps": num_inference_steps,
-                        "guidance_scale": guidance_scale, "scheduler": result.scheduler,
-                        "size": f"{resolution}x{resolution}", "class_index": i}
+            for k, (i, img) in enumerate(zip(index, result.images)):
+                meta = image_metadata(result, k, extra={"class_index": i})  # sd_jax.outputs: one schema
                 made.append(save_png(img, folder / f"class-{i:05d}-{seed + i}.png", meta))
             bar.update(len(index))
     return sorted(existing + made)[:want]
