@@ -14,6 +14,7 @@ through :func:`short` (at most :data:`ECHO_CHARS` characters, whatever the value
 from __future__ import annotations
 
 import math
+import numbers
 import reprlib
 from typing import Any
 
@@ -117,8 +118,9 @@ def check_int(owner: str, name: str, value: Any, low: int, high: int) -> None:
 
 
 def check_number(owner: str, name: str, value: Any, low: float, high: float, *, low_open: bool = False) -> None:
-    """``value`` is a finite int/float (not a bool) in [low, high] (``(low, high]`` with ``low_open``)."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
+    """``value`` is a finite real number (not a bool; numpy's too) in [low, high] (``(low, high]`` with
+    ``low_open``)."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) \
         and (value > low if low_open else value >= low) and value <= high
     if not ok:
         raise ValueError(f"{owner}.{name}={short(value)} is not valid; expected a finite number in "
