@@ -136,3 +136,70 @@ def test_launcher_bad_flags_one_line(tmp_path, args, match):
     res = _launch(tmp_path, *args, timeout=60)
     assert res.returncode == 2 and match in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+
+
+# ------------------------------------------------------------------- the trainer's batch rows
+
+class _Tokens:
+    """Stands in for the pipeline: prompt -> a row of distinct token ids (no model needed)."""
+
+    @staticmethod
+    def tokenize(prompts):
+        return np.asarray([[sum(map(ord, p)) % 1000 + i for i in range(4)] for p in prompts], np.int32)
+
+
+def _builder(tmp_path, batch_size: int, prior: bool):
+    from PIL import Image
+
+    from sd_jax.dreambooth import data as dbdata
+    from sd_jax.dreambooth.config import TrainConfig
+    from sd_jax.dreambooth.trainer import BatchBuilder
+
+    rng = np.random.default_rng(0)
+    for kind, n in (("inst", 3), ("cls", 4)):
+        (tmp_path / kind).mkdir(exist_ok=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 255, (20, 24, 3), np.uint8)).save(tmp_path / kind / f"{i}.png")
+    concept = {"instance_dir": str(tmp_path / "inst"), "instance_prompt": "a sks dog"}
+    if prior:
+        concept.update(class_prompt="a dog", class_dir=str(tmp_path / "cls"), num_class_images=4)
+    config = TrainConfig.from_dict({"concepts": [concept], "data": {"resolution": 16, "cache_latents": False,
+                                                                    "cache_text_embeddings": False},
+                                    "train": {"train_batch_size": batch_size}})
+    dataset = dbdata.DreamboothDataset([dbdata.Concept(**concept)], resolution=16, batch_size=batch_size, seed=5)
+    return BatchBuilder(_Tokens(), config, dataset), dataset
+
+
+@pytest.mark.parametrize("batch_size,prior", [(2, True), (3, True), (1, True), (4, False)])
+def test_each_process_feeds_the_global_batch_rows_its_devices_hold(tmp_path, monkeypatch, batch_size, prior):
+    """Two processes of 4 devices (simulated: jax.local_devices patched) feed, in process order, exactly the
+    batch one process of 8 devices feeds; the rows, not only the examples, must match, since timesteps and
+    noise are drawn per global row. (The old split, each process's instance + class rows, did not.)"""
+    from sd_jax.dreambooth.step import concat_prior_batch, pad_batch
+    from sd_jax.sharding import make_mesh
+
+    builder, dataset = _builder(tmp_path, batch_size, prior)
+    mesh = make_mesh()
+    devices = list(mesh.devices.flat)
+    for position in (0, 3):
+        whole = builder.micro_batch(position, mesh)
+        shares = []
+        for group in (devices[:4], devices[4:]):
+            monkeypatch.setattr(jax, "local_devices", lambda group=group: group)
+            shares.append(builder.micro_batch(position, mesh))
+        monkeypatch.undo()
+        assert set(whole) == set(shares[0]) == {"pixel_values", "input_ids", "prior_mask", "valid"}
+        for key in whole:
+            np.testing.assert_array_equal(np.concatenate([s[key] for s in shares]), whole[key], err_msg=key)
+        # the one-process batch is instance rows, class rows, padding to the device count
+        rows = dataset.batch(position)
+        parts = [{"pixel_values": rows[f"{k}_images"], "input_ids": _Tokens.tokenize(rows[f"{k}_prompts"])}
+                 for k in (("instance", "class") if prior else ("instance",))]
+        want = pad_batch(concat_prior_batch(*parts), 8)
+        for key in want:
+            np.testing.assert_array_equal(whole[key], want[key], err_msg=key)
+    if prior and batch_size == 2:  # the old split: each process's own instance rows, then its class rows
+        old = [pad_batch(concat_prior_batch(*[{"pixel_values": r[f"{k}_images"]} for k in ("instance", "class")]), 4)
+               for r in (dataset.batch(0, process_index=p, process_count=2) for p in range(2))]
+        assert not np.array_equal(np.concatenate([o["pixel_values"] for o in old]),
+                                  builder.micro_batch(0, mesh)["pixel_values"])

@@ -228,13 +228,15 @@ def concat_prior_batch(instance: dict[str, Any], prior: dict[str, Any] | None = 
     return out
 
 
-def process_rows(mesh: Mesh, rows: int) -> list[int]:
-    """The global batch rows this process's devices hold under :func:`sd_jax.sharding.batch_sharding`,
-    ascending: the order ``jax.make_array_from_process_local_data`` expects its local rows in."""
+def process_rows(mesh: Mesh, rows: int, devices: Any = None) -> list[int]:
+    """The global batch rows this process's devices (or ``devices``) hold under
+    :func:`sd_jax.sharding.batch_sharding`, ascending: the order
+    ``jax.make_array_from_process_local_data`` expects its local rows in."""
     if rows % mesh.size:
         raise ValueError(f"a global batch of {rows} rows cannot be split over {mesh.size} devices")
-    index = shd.batch_sharding(mesh).addressable_devices_indices_map((rows,))
-    return sorted({r for (sl,) in index.values() for r in range(*sl.indices(rows))})
+    index = shd.batch_sharding(mesh).devices_indices_map((rows,))
+    mine = set(jax.local_devices() if devices is None else devices)
+    return sorted({r for d, (sl,) in index.items() if d in mine for r in range(*sl.indices(rows))})
 
 
 @dataclasses.dataclass(frozen=True)
