@@ -234,6 +234,10 @@ def initialize_distributed(env: Mapping[str, str] | None = None) -> bool:
       coordinator, process count and id itself;
     - ``SD_JAX_DISTRIBUTED=1`` forces it (JAX's auto-detection), ``SD_JAX_DISTRIBUTED=0`` forbids it.
 
+    ``SD_JAX_HEARTBEAT_TIMEOUT_S`` (JAX's default 100) bounds how long the others run on after a
+    process dies (they are then ended with JAX's "another task died" message);
+    ``SD_JAX_SHUTDOWN_TIMEOUT_S`` (default 300) how long a finishing process waits for the rest.
+
     A single-host TPU VM, one GPU machine or a CPU run needs nothing. On CPU the
     cross-process collectives use gloo (``jax_cpu_collectives_implementation``).
     """
@@ -251,6 +255,13 @@ def initialize_distributed(env: Mapping[str, str] | None = None) -> bool:
                 kwargs[arg] = int(env[var])
             except ValueError:
                 raise ValueError(f"{var}={env[var]!r} must be an integer") from None
+    # How long a dead process goes unnoticed (missed heartbeats) and how long exit waits for the others.
+    for var, arg in (("SD_JAX_HEARTBEAT_TIMEOUT_S", "heartbeat_timeout_seconds"),
+                     ("SD_JAX_SHUTDOWN_TIMEOUT_S", "shutdown_timeout_seconds")):
+        if env.get(var):
+            if not env[var].isdigit() or not 1 <= int(env[var]) <= 86400:
+                raise ValueError(f"{var}={env[var][:20]!r} must be a whole number of seconds in [1, 86400]")
+            kwargs[arg] = int(env[var])
     if jax.config.jax_cpu_collectives_implementation in (None, "", "none"):
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(**kwargs)
