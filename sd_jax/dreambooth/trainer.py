@@ -318,15 +318,15 @@ def _train(config: TrainConfig, run: RunDir, *, pipe: Any, resume: bool | None, 
         * config.optim.grad_accum_steps
     summary = RunSummary(images_per_step=images_per_update)
     last_loss = math.nan
+    say = bar.write if jax.process_index() == 0 else (lambda message: None)
+    say(_header(config, dataset, mesh, start, total, images_per_update))
+    if start < total:
+        say("compiling the train step (the first step includes it; later steps reuse it)")
     stop = StopOnInterrupt().install()
     try:
         for step in range(start, total):
             t0 = time.perf_counter()
             batch = shd.host_local_batch_to_global(builder.update_batch(position, mesh), mesh,
-    say = bar.write if jax.process_index() == 0 else (lambda message: None)
-    say(_header(config, dataset, mesh, start, total, images_per_update))
-    if start < total:
-        say("compiling the train step (the first step includes it; later steps reuse it)")
                                                    accum=config.optim.grad_accum_steps > 1)
             state, metrics = train_step(state, frozen, batch)
             metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -339,29 +339,30 @@ def _train(config: TrainConfig, run: RunDir, *, pipe: Any, resume: bool | None, 
                     f"the loss became {last_loss} at step {step + 1} (grad norm {metrics.get('grad_norm')}); "
                     f"training stopped. The last good checkpoint is "
                     f"{'step ' + str(good) if good is not None else 'none (no checkpoint was written yet)'} in "
-                    f"{paths.checkpoints}; lower optim.learning_rate or use train.mixed_precision=float32")
+                    f"{paths.checkpoints}; in a new --output-dir, lower the learning rate or use "
+                    "train.mixed_precision=float32")
             seconds = time.perf_counter() - t0
+            if step == start:
+                say(f"step {step + 1} done in {seconds:.1f} s (compile included)")
             summary.tick(1, last_loss)
             done = step + 1
             if done % config.logging.log_every == 0 or done == total:
                 lr = {f"lr/{k}": float(s(done - 1)) for k, s in schedules.items()}
                 logger.scalars(done, {**{f"train/{k}": v for k, v in metrics.items()}, **lr,
-            if step == start:
-                say(f"step {step + 1} done in {seconds:.1f} s (compile included)")
                                       "perf/steps_per_s": 1.0 / seconds,
                                       "perf/images_per_s": images_per_update / seconds})
             bar.update(1, {"loss": f"{last_loss:.4f}"})
             if config.logging.sample_every and done % config.logging.sample_every == 0:
                 _log_samples(pipe, state, config, paths, logger, done)
+                say(f"samples of step {done} written to {paths.samples}")
             if done % config.checkpoint.every == 0 or done == total or stop.requested:
                 ckpt.save(done, state, {"data_position": position, "step": done, "config": config.to_dict()})
+                say(f"checkpoint step {done} saving to {paths.checkpoints / str(done)}")
             if stop.requested:
                 ckpt.close()
                 raise TrainingInterrupted(f"interrupted at step {done} of {total}; checkpoint step {done} is saved "
-                say(f"samples of step {done} written to {paths.samples}")
                                           f"in {paths.checkpoints}: run the same command again to resume")
         ckpt.wait()
-                say(f"checkpoint step {done} saving to {paths.checkpoints / str(done)}")
     except BaseException:
         stop.restore()
         try:  # an in-flight save completes, Orbax's threads end: no background tracebacks at exit
@@ -386,11 +387,6 @@ def _train(config: TrainConfig, run: RunDir, *, pipe: Any, resume: bool | None, 
                        final_loss=last_loss, summary=report, resumed_from=resume_step)
 
 
-def trained_params(state: Any, config: TrainConfig) -> dict[str, Any]:
-    """The weights to export: the EMA when it is kept, else the raw ones (host arrays)."""
-    params = state.ema if config.optim.ema_decay is not None and state.ema is not None else state.params
-    return _host(params)
-
 def _header(config: TrainConfig, dataset: Any, mesh: Any, start: int, total: int, images_per_update: int) -> str:
     """One line before the work: images, steps, learning rate, batch, devices, dtype."""
     n_class = len(dataset.class_examples) if config.with_prior_preservation else 0
@@ -405,6 +401,11 @@ def _header(config: TrainConfig, dataset: Any, mesh: Any, start: int, total: int
             f"{config.train.mixed_precision}; text encoder {'trained' if config.train.train_text_encoder else 'frozen'}"
             f"; output {config.output_dir}")
 
+
+def trained_params(state: Any, config: TrainConfig) -> dict[str, Any]:
+    """The weights to export: the EMA when it is kept, else the raw ones (host arrays)."""
+    params = state.ema if config.optim.ema_decay is not None and state.ema is not None else state.params
+    return _host(params)
 
 
 def _log_samples(pipe: Any, state: Any, config: TrainConfig, paths: RunPaths, logger: Any, step: int) -> None:
