@@ -48,3 +48,30 @@ def tiny_reference(tiny_folder):
     ref = load_reference(tiny_folder)
     ref.folder_scheduler_config = dict(ref.scheduler.config)
     return ref
+
+
+@pytest.fixture(scope="session")
+def parity_folder(tmp_path_factory):
+    """The whole-pipeline parity model (tiny.make_tiny_sd(parity=True)): solvers and init images show."""
+    from tiny import make_tiny_sd
+
+    return make_tiny_sd(tmp_path_factory.mktemp("parity_sd"), parity=True)
+
+
+@pytest.fixture(scope="session")
+def parity_pipe(parity_folder):
+    """sd_jax's pipeline on the parity model (float32)."""
+    from sd_jax import StableDiffusion
+
+    return StableDiffusion.from_pretrained(parity_folder)
+
+
+@pytest.fixture(scope="session")
+def parity_reference(parity_folder):
+    """diffusers' pipeline on the parity model, with the folder's scheduler config file kept (a loaded
+    PNDMScheduler reports clip_sample=False whatever the file says)."""
+    from tiny import load_reference, read_json
+
+    ref = load_reference(parity_folder)
+    ref.folder_scheduler_config = read_json(parity_folder / "scheduler" / "scheduler_config.json")
+    return ref

@@ -1,8 +1,14 @@
-"""Whole-pipeline parity with diffusers' StableDiffusionPipeline on a tiny random model."""
+"""Whole-pipeline parity with diffusers' StableDiffusionPipeline on a tiny random model.
+
+The solver parity test runs on the parity model (``tiny.make_tiny_sd(parity=True)``), on which every
+two solvers give images at least 10 x TOL apart (``test_every_solver_pair_is_far_apart``): running the
+wrong solver fails it by far.
+"""
 
 from __future__ import annotations
 
 import importlib
+import itertools
 
 import jax
 import numpy as np
@@ -56,21 +62,43 @@ def patch_step_noise(monkeypatch, name, pipe_result_seeds, steps, shape):
     monkeypatch.setattr(module, "randn_tensor", lambda *a, **k: next(calls))
 
 
-@pytest.mark.parametrize("scheduler,steps", [
-    ("pndm", 6), ("ddim", 5), ("lms", 5), ("euler", 5), ("euler_a", 5),
-    ("dpm++2m", 5), ("dpm++2m-karras", 5), ("ddpm", 4),
-])
-def test_txt2img_matches_diffusers(pipe, reference, scheduler, steps, monkeypatch):
-    seeds = [11, 12]
-    latents = np.random.default_rng(0).standard_normal((2, H // 8, W // 8, 4)).astype(np.float32)
-    ours = pipe.generate(PROMPTS, negative_prompt=NEGATIVE, height=H, width=W, num_inference_steps=steps,
-                         guidance_scale=7.5, scheduler=scheduler, seed=seeds, latents=latents)
+SOLVER_CASES = [("pndm", 6), ("ddim", 5), ("lms", 5), ("euler", 5), ("euler_a", 5),
+                ("dpm++2m", 5), ("dpm++2m-karras", 5), ("ddpm", 4)]
+SEEDS = [11, 12]
+
+
+def _latents() -> np.ndarray:
+    return np.random.default_rng(0).standard_normal((2, H // 8, W // 8, 4)).astype(np.float32)
+
+
+def _txt2img(pipe, scheduler: str, steps: int):
+    """sd_jax's images for one solver case of test_txt2img_matches_diffusers."""
+    return pipe.generate(PROMPTS, negative_prompt=NEGATIVE, height=H, width=W, num_inference_steps=steps,
+                         guidance_scale=7.5, scheduler=scheduler, seed=SEEDS, latents=_latents())
+
+
+@pytest.mark.parametrize("scheduler,steps", SOLVER_CASES)
+def test_txt2img_matches_diffusers(parity_pipe, parity_reference, scheduler, steps, monkeypatch):
+    ours = _txt2img(parity_pipe, scheduler, steps)
+    reference = parity_reference
     reference.scheduler = diffusers_scheduler(scheduler, reference.folder_scheduler_config)
-    patch_step_noise(monkeypatch, scheduler, seeds, steps, (H // 8, W // 8, 4))
+    patch_step_noise(monkeypatch, scheduler, SEEDS, steps, (H // 8, W // 8, 4))
     ref = reference(PROMPTS, negative_prompt=[NEGATIVE] * 2, height=H, width=W, num_inference_steps=steps,
-                    guidance_scale=7.5, latents=nchw(latents), output_type="np").images
+                    guidance_scale=7.5, latents=nchw(_latents()), output_type="np").images
     err = np.abs(ours.array - ref).max()
     assert err <= TOL, f"{scheduler}: max abs error {err:.4g} > {TOL:.4g}"
+
+
+def test_every_solver_pair_is_far_apart(parity_pipe):
+    """The mutation check of test_txt2img_matches_diffusers: at each step count it uses, any two solvers
+    give images >= 10 x TOL apart, so a pipeline running the wrong solver fails that test by >= 9 x TOL.
+    (On tiny_pipe DDIM and Euler differ by 0.004 < TOL, and DDPM and Euler-ancestral by 1e-5.)"""
+    names = [name for name, _ in SOLVER_CASES]
+    for steps in sorted({n for _, n in SOLVER_CASES}):
+        images = {name: _txt2img(parity_pipe, name, steps).array for name in names}
+        gaps = {(a, b): float(np.abs(images[a] - images[b]).max()) for a, b in itertools.combinations(names, 2)}
+        close = {pair: round(gap, 4) for pair, gap in gaps.items() if not gap >= 10 * TOL}
+        assert not close, f"{steps} steps: solvers closer than 10 x TOL = {10 * TOL:.3f}: {close}"
 
 
 def test_no_guidance_skips_uncond_and_matches(pipe, reference):
