@@ -410,10 +410,11 @@ def trained_params(state: Any, config: TrainConfig) -> dict[str, Any]:
 
 def _log_samples(pipe: Any, state: Any, config: TrainConfig, paths: RunPaths, logger: Any, step: int) -> None:
     """Validation images to samples/ and TensorBoard."""
-    # On this process's first device: a multi-process jit refuses numpy inputs it must shard.
-    result = sample_images(pipe, jax.device_put(_host(state.params), jax.local_devices()[0]), config)
-    if jax.process_index() != 0:
+    params = _host(state.params)  # a collective: every process takes part
+    if jax.process_index() != 0:  # the samples are process 0's alone; the others go on
         return
+    # On this process's first device: a multi-process jit refuses numpy inputs it must shard.
+    result = sample_images(pipe, jax.device_put(params, jax.local_devices()[0]), config)
     for i, (image, prompt) in enumerate(zip(result.images, result.prompts)):
         image.save(paths.samples / f"step{step:06d}-{i:02d}.png")
     logger.images(step, "samples", result.images)
