@@ -359,7 +359,10 @@ def image_size(image: Any) -> tuple[int, int]:
     from sd_jax import images as imageio
 
     if isinstance(image, (str, Path)):
-        return imageio.image_file_size(image)
+        try:
+            return imageio.image_file_size(image)
+        except ValueError as err:
+            raise RequestError(("init_image",), f": {err}") from None
     if hasattr(image, "size") and not isinstance(image, np.ndarray):
         return tuple(image.size)
     shape = np.shape(image)
