@@ -4,8 +4,9 @@
     from sd_jax.dreambooth.trainer import train
     result = train(load_config("configs/dreambooth/unet.yaml", {"model": "path", ...}))
 
-Output folder layout: ``checkpoints/`` (Orbax, resumable), ``logs/`` (TensorBoard),
-``samples/`` (validation images), ``final/`` (a diffusers folder), ``config.json``.
+Output folder layout: ``checkpoints/`` (Orbax, resumable, checksummed), ``logs/`` (TensorBoard,
+``metrics.jsonl``), ``samples/`` (validation images), ``final/`` (a diffusers folder), ``config.json``,
+the run marker ``.sd_jax_run.json`` and the lock ``.sd_jax.lock`` (rules: :mod:`sd_jax.dreambooth.run_dir`).
 
 Resume: a run whose output folder already holds checkpoints continues from the
 latest one (``resume=None``, the default), or must (``resume=True``), or starts
