@@ -1,10 +1,21 @@
-"""Test setup: 8 host devices for sharding tests, full float32 precision for parity."""
+"""Test setup: 8 host devices for sharding tests, full float32 precision for parity.
+
+Where the tests run. By default on 8 CPU devices, created explicitly, on any host: on a
+GPU or TPU machine ``JAX_PLATFORMS=cpu`` is set here (and inherited by the subprocess
+tests), because the sharding, checkpoint and multi-device tests need 8 devices and the
+parity tolerances are float32 ones. To run the suite on the accelerator instead, set
+``SD_JAX_TEST_PLATFORMS`` (e.g. ``cuda`` or ``tpu``; it becomes ``JAX_PLATFORMS``): tests
+marked ``needs_8_devices`` then skip, saying why, when the default backend has fewer.
+The accelerator kernels themselves are covered by tests/test_pallas_interpret.py (TPU
+interpret mode) and bench/accelerator.py (cuDNN, executed on the GPU).
+"""
 import os
 
 # Must happen before JAX initialises its backend.
 _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
     os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
+os.environ["JAX_PLATFORMS"] = os.environ.get("SD_JAX_TEST_PLATFORMS", "cpu")
 os.environ.setdefault("SD_JAX_COMPILATION_CACHE", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -14,6 +25,27 @@ import jax  # noqa: E402
 jax.config.update("jax_default_matmul_precision", "highest")
 
 import pytest  # noqa: E402
+
+HOST_DEVICES = 8
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "needs_8_devices: uses the default backend's first 8 devices "
+                                       "(skipped with a reason when it has fewer)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skip, with the reason, the 8-device tests where the default backend has fewer devices."""
+    if not any(item.get_closest_marker("needs_8_devices") for item in items):
+        return
+    count = jax.device_count()
+    if count >= HOST_DEVICES:
+        return
+    skip = pytest.mark.skip(reason=f"needs {HOST_DEVICES} devices; the {jax.default_backend()} backend has {count} "
+                                   "(unset SD_JAX_TEST_PLATFORMS to run on 8 CPU devices)")
+    for item in items:
+        if item.get_closest_marker("needs_8_devices"):
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

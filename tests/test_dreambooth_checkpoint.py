@@ -39,6 +39,8 @@ class State:
 
 @pytest.fixture(scope="module")
 def mesh():
+    if jax.device_count() < 8:
+        pytest.skip(f"needs 8 devices; the {jax.default_backend()} backend has {jax.device_count()}")
     return Mesh(np.asarray(jax.devices()[:8]).reshape(2, 4), ("data", "fsdp"))
 
 

@@ -111,6 +111,7 @@ def test_no_guidance_skips_uncond_and_matches(pipe, reference):
     assert np.abs(ours.array - ref).max() <= TOL
 
 
+@pytest.mark.needs_8_devices
 def test_sharded_equals_single_device(pipe):
     kwargs = dict(height=32, width=32, num_inference_steps=3, scheduler="euler_a", seed=5,
                   guidance_scale=[3.0, 7.5, 5.0])

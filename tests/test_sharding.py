@@ -11,6 +11,8 @@ from jax.sharding import PartitionSpec as P
 
 from sd_jax import sharding as shd
 
+pytestmark = pytest.mark.needs_8_devices  # make_mesh() spans the default backend's devices
+
 # ------------------------------------------------------------------------------------ mesh
 
 def test_make_mesh_shapes_and_errors():
