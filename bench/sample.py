@@ -1,6 +1,6 @@
 """Text -> image with a full-size SD v1.4 (random weights): sd_jax against diffusers, side by side.
 
-Figures (BENCHMARKS.md; issue 5 item 7):
+Figures (the README's sampling section):
 
 * image       end-to-end wall time per image (prompt in, PIL image out) at ``--size``, CFG 7.5,
               ``--steps`` PNDM steps and ``--dpm-steps`` DPM++ 2M steps; sd_jax ``generate`` against
@@ -90,7 +90,8 @@ def worker_sd_jax(job: dict, t_spawn: float) -> dict:
     import numpy as np
 
     import sd_jax  # noqa: F401  (XLA:CPU defaults and the persistent cache, before JAX's backend starts)
-    from sd_jax import StableDiffusion, sampling
+    from sd_jax import StableDiffusion, sampling, sharding
+    from sd_jax.request import image_seeds
     from sd_jax.schedulers import get_scheduler, num_model_calls, pad_schedule, schedule_length
 
     size, events, out = job["size"], {}, {}
@@ -99,7 +100,7 @@ def worker_sd_jax(job: dict, t_spawn: float) -> dict:
     pipe = StableDiffusion.from_pretrained(job["model"])
     jax.block_until_ready(pipe.params)
     events["loaded"] = time.time() - t_spawn
-    mesh = sampling.data_mesh(None)
+    mesh = sharding.sampling_mesh()
 
     def sampler(solver):
         return sampling.compiled_denoise(pipe.unet, get_scheduler(solver), "txt2img", True, mesh)
@@ -117,7 +118,7 @@ def worker_sd_jax(job: dict, t_spawn: float) -> dict:
         state = pad_schedule(sched, state, schedule_length(pipe.noise_schedule()))
         cond = pipe.encode_prompt([PROMPT] * batch)
         uncond = pipe.encode_prompt([""] * batch)
-        keys = sampling.seed_keys(sampling.image_seeds(seed, batch))
+        keys = sampling.seed_keys(image_seeds(seed, batch))
         scales = jnp.asarray(np.broadcast_to(np.asarray(guidance, np.float32), (batch,)))
         start = jnp.asarray(initial_latents(batch, size)) * sched.init_noise_sigma(state)
         jax.block_until_ready((cond, uncond, start))

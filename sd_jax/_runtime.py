@@ -1,7 +1,7 @@
 """Process-wide JAX settings sd_jax makes on import, each with an opt-out.
 
 1. XLA:CPU: jax 0.10 sends every convolution and matmul to YNNPACK; for the SD
-   UNet's shapes the Eigen path is faster (BENCHMARKS.md). sd_jax appends
+   UNet's shapes the Eigen path is faster (the README's CPU figures). sd_jax appends
    ``--xla_cpu_experimental_ynn_fusion_type=`` to ``XLA_FLAGS`` when JAX's
    backend is not yet initialised and the user has not set that flag.
    Opt out: ``SD_JAX_XLA_CPU_DEFAULTS=0``. The flag affects the CPU backend only.

@@ -42,6 +42,7 @@ from PIL import Image
 from sd_jax.dreambooth import config as config_schema
 from sd_jax.images import open_image, save_png, to_rgb
 from sd_jax.outputs import image_metadata
+from sd_jax.request import DEFAULT_GUIDANCE, DEFAULT_STEPS
 
 log = logging.getLogger("sd_jax")
 
@@ -224,8 +225,8 @@ def _existing_class_images(folder: Path, limit: int) -> list[Path]:
 
 
 def ensure_class_images(pipe: Any, concept: Concept, *, resolution: int, batch_size: int, seed: int,
-                        num_inference_steps: int = 50, guidance_scale: float = 7.5, scheduler: str | None = None,
-                        progress: bool = True) -> list[Path]:
+                        num_inference_steps: int = DEFAULT_STEPS, guidance_scale: float = DEFAULT_GUIDANCE,
+                        scheduler: str | None = None, progress: bool = True) -> list[Path]:
     """Make ``concept.class_dir`` hold ``num_class_images`` images; return their paths (sorted).
 
     Readable images already there (the user's or an earlier run's) are reused;
