@@ -32,6 +32,17 @@ def test_make_mesh_shapes_and_errors():
         shd.make_mesh(8, 0)
 
 
+def test_sampling_mesh_is_the_sharding_mesh_over_local_devices():
+    from sd_jax import sampling
+
+    mesh = shd.sampling_mesh()
+    assert dict(mesh.shape) == {"data": jax.local_device_count(), "fsdp": 1}
+    assert shd.sampling_mesh(jax.devices()[:2]).size == 2
+    assert sampling.data_mesh() == mesh  # one mesh: the sampler's cache key is the same object value
+    assert shd.batch_sharding(mesh).spec == P(("data", "fsdp"))
+    assert not hasattr(shd, "param_shardings")  # removed: tree_shardings is the one way
+
+
 # ------------------------------------------------------------------------------ rule table
 
 def test_rule_table():
