@@ -172,8 +172,9 @@ def all_finite(array: np.ndarray) -> bool:
     if array.dtype.kind not in "fc" and array.dtype != ml_dtypes.bfloat16:
         return True
     wide = np.float64 if array.dtype.itemsize >= 8 else np.float32
-    if np.isfinite(np.sum(array, dtype=wide)):
-        return True
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflowing sum is settled below
+        if np.isfinite(np.sum(array, dtype=wide)):
+            return True
     return bool(np.isfinite(array).all())  # the sum overflowed, or there is a NaN/inf: look element-wise
 
 
@@ -202,12 +203,13 @@ def _copy_relayout(out: np.ndarray, view: np.ndarray) -> bool:
     (a NaN or inf anywhere makes it non-finite), measured at ~12% of the copy's time; a check per
     column block reads strided memory and cost 60%.
     """
-    if view.ndim < 2 or view.flags.c_contiguous:
-        np.copyto(out, view, casting="unsafe")
-    else:
-        for start in range(0, view.shape[-1], _COLUMN_BLOCK):
-            np.copyto(out[..., start:start + _COLUMN_BLOCK], view[..., start:start + _COLUMN_BLOCK],
-                      casting="unsafe")
+    with np.errstate(over="ignore"):  # a value past the target dtype's range becomes inf, reported below
+        if view.ndim < 2 or view.flags.c_contiguous:
+            np.copyto(out, view, casting="unsafe")
+        else:
+            for start in range(0, view.shape[-1], _COLUMN_BLOCK):
+                np.copyto(out[..., start:start + _COLUMN_BLOCK], view[..., start:start + _COLUMN_BLOCK],
+                          casting="unsafe")
     return all_finite(out)
 
 
