@@ -222,3 +222,51 @@ def test_upcast_applies_to_float16_only(loud_vae):
     assert AutoencoderKL(config, dtype=jnp.float16, force_upcast=False).compute_dtype == jnp.float16
     assert AutoencoderKL(config, dtype=jnp.bfloat16).compute_dtype == jnp.bfloat16  # float32's exponent range
     assert AutoencoderKL(config).compute_dtype == jnp.float32
+
+
+# ------------------------------------------------------------------ full size (slow)
+@pytest.fixture(scope="module")
+def full_folder(tmp_path_factory):
+    """SD v1.4's architecture with random weights as a diffusers folder (~4.3 GB; bench/common.py)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    from common import write_random_sd_v14
+
+    folder = tmp_path_factory.mktemp("sd_v14_random")
+    write_random_sd_v14(folder)
+    return folder
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_full_size_close_to_diffusers_fp32(full_folder, dtype):
+    # The full v1.4 UNet is ~6x deeper than the tiny one (16 transformer blocks, 22 ResNet blocks,
+    # ~150 rounding points on the deepest path): sqrt(150) x ~2u ~ 25u if the roundings are
+    # independent, so the bounds are 32u for eps and the decoded image, and for 4 guided DPM++
+    # steps at 256^2 (latents 32 x 32, to keep the CPU run in minutes) mean 8u, max 64u.
+    from sd_jax import StableDiffusion
+    from test_pipeline import diffusers_scheduler
+    from tiny import load_reference
+
+    ref = load_reference(full_folder)
+    pipe = StableDiffusion.from_pretrained(full_folder, dtype=dtype)
+    x = ph.inputs(hw=(32, 32))
+    want = ph.reference(ref, pipe.tokenize(ph.PROMPTS), x)
+    u = U[dtype]
+    got = ph.ours(pipe, x, text_emb=want["text"])
+    errors = {k: ph.max_rel_error(got[k], want[k]) for k in ("text", "unet", "decode")}
+    print(f"{dtype} full-size errors in units of u: { {k: round(e / u, 2) for k, e in errors.items()} }")
+    assert all(e <= 32 * u for e in errors.values()), (dtype, errors)
+
+    latents = np.random.default_rng(0).standard_normal((1, 32, 32, 4)).astype(np.float32)
+    ref.scheduler = diffusers_scheduler("dpm++2m", dict(ref.scheduler.config))
+    image = ref(PROMPTS[0], height=256, width=256, num_inference_steps=4, guidance_scale=7.5,
+                latents=nchw(latents), output_type="np").images
+    ours = pipe.generate(PROMPTS[0], height=256, width=256, num_inference_steps=4, guidance_scale=7.5,
+                         scheduler="dpm++2m", latents=latents).array
+    diff = np.abs(ours - image)
+    print(f"{dtype} full-size 256^2 image: mean {diff.mean() / u:.2f}u, max {diff.max() / u:.2f}u")
+    assert np.isfinite(ours).all()
+    assert diff.mean() <= 8 * u and diff.max() <= 64 * u, (dtype, float(diff.mean()), float(diff.max()))
