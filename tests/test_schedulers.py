@@ -28,7 +28,6 @@ from sd_jax.schedulers import (
     SCHEDULER_NAMES,
     NoiseScheduleConfig,
     alphas_cumprod,
-    denoise_loop,
     get_scheduler,
     get_velocity,
     img2img_start,
@@ -87,6 +86,22 @@ def jitted(name):
         s = get_scheduler(name)
         _JIT[name] = (jax.jit(s.step), jax.jit(s.scale_model_input))
     return _JIT[name]
+
+
+def _noise(key, i, shape):
+    """The N(0, I) draw of loop step i (stochastic solvers take it as noise=)."""
+    return jax.random.normal(jax.random.fold_in(key, i), shape, jnp.float32)
+
+
+def denoise_loop(scheduler, state, sample, model_fn, key):
+    """Reference loop (jittable with scheduler and model_fn static): indices start_index .. num_calls-1
+    with lax.fori_loop (both bounds traced); model_fn(model_input, t, i); step i's noise from fold_in(key, i)."""
+    def body(i, carry):
+        x, st = carry
+        out = model_fn(scheduler.scale_model_input(st, x, i), st.timesteps[i], i)
+        return scheduler.step(st, out, i, x, noise=_noise(key, i, x.shape))
+
+    return jax.lax.fori_loop(jnp.asarray(state.start_index, jnp.int32), state.num_calls, body, (sample, state))
 
 
 def assert_close(ours, ref, what):
@@ -251,7 +266,7 @@ def test_jit_fori_loop_matches_eager(name):
         step, scale = jitted(name)
         for i in range(int(state.start_index), num_model_calls(state)):
             out = model_fn(scale(state, x, i), state.timesteps[i], i)
-            x, state = step(state, out, i, x, jax.random.fold_in(key, i))
+            x, state = step(state, out, i, x, noise=_noise(key, i, x.shape))
         assert_close(got, x, f"{name} jit loop vs eager (strength {strength})")
         compiled.append(loop._cache_size())
     assert compiled[0] == compiled[1], "a new strength must not recompile the loop"
@@ -284,7 +299,7 @@ def test_padded_schedule_one_compile_for_every_step_count(name):
             got, _ = loop(sched, padded, x, model_fn, key)
             for i in range(int(state.start_index), num_model_calls(state)):
                 out = model_fn(scale(state, x, i), state.timesteps[i], jnp.int32(i))
-                x, state = step(state, out, i, x, jax.random.fold_in(key, i))
+                x, state = step(state, out, i, x, noise=_noise(key, i, x.shape))
             assert_close(got, x, f"{name} padded loop, {n} steps, strength {strength}")
     assert loop._cache_size() == len(configs), "a new step count must not recompile the loop"
 
@@ -311,26 +326,28 @@ def test_bf16_model_output_stays_finite(name, n):
         xin = scale(state, x, i)
         assert xin.dtype == jnp.bfloat16
         out = (0.1 * xin.astype(jnp.float32) + fixed).astype(jnp.bfloat16)
-        x, state = step(state, out, i, x, k)
+        x, state = step(state, out, i, x, noise=jax.random.normal(k, SHAPE, jnp.float32))
         assert x.dtype == jnp.bfloat16
         assert bool(jnp.all(jnp.isfinite(x))), f"{name} bf16 non-finite at step {i}"
         out32 = 0.1 * scale(state32, x32, i) + fixed
-        x32, state32 = step(state32, out32, i, x32, k)
+        x32, state32 = step(state32, out32, i, x32, noise=jax.random.normal(k, SHAPE, jnp.float32))
     scale_ref = max(1.0, float(jnp.max(jnp.abs(x32))))
     assert float(jnp.max(jnp.abs(x.astype(jnp.float32) - x32))) < 0.1 * scale_ref
 
 
-def test_noise_comes_from_key():
-    """Convention the pipeline relies on: noise of a step = normal(key, sample.shape, float32)."""
+def test_stochastic_steps_take_noise_not_a_key():
+    """The sampler draws each image's noise itself (sd_jax.sampling.step_noise); solvers take it as noise=."""
     sched = get_scheduler("euler_a")
     state = sched.create(NoiseScheduleConfig.sd_v1(), 7, SHAPE)
     x = jnp.ones(SHAPE)
-    key = jax.random.PRNGKey(11)
-    a, _ = sched.step(state, 0.1 * x, 2, x, key)
-    b, _ = sched.step(state, 0.1 * x, 2, x, noise=jax.random.normal(key, SHAPE, jnp.float32))
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    z = jax.random.normal(jax.random.PRNGKey(11), SHAPE, jnp.float32)
+    a, _ = sched.step(state, 0.1 * x, 2, x, noise=z)
+    b, _ = sched.step(state, 0.1 * x, 2, x, noise=2 * z)
+    assert not np.array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(TypeError):
+        sched.step(state, 0.1 * x, 2, x, jax.random.PRNGKey(11))  # no key argument
     for name in ("euler_a", "ddpm"):
-        with pytest.raises(ValueError, match="key"):
+        with pytest.raises(ValueError, match="noise="):
             get_scheduler(name).step(get_scheduler(name).create(NoiseScheduleConfig.sd_v1(), 7, SHAPE), x, 0, x)
     ddim = get_scheduler("ddim")
     with pytest.raises(ValueError, match="eta"):

@@ -4,10 +4,10 @@
     cfg = NoiseScheduleConfig.from_diffusers_config(json.load(open(".../scheduler_config.json")))
     state = sched.create(cfg, 50, latents.shape)          # Python; arrays for the whole loop
     x = noise * sched.init_noise_sigma(state)             # txt2img start
-    for i in range(state.start_index, num_model_calls(state)):    # or lax.fori_loop, see denoise_loop
+    for i in range(state.start_index, num_model_calls(state)):    # or lax.fori_loop: sd_jax.sampling
         t = state.timesteps[i]                            # what the UNet gets
         eps = unet(sched.scale_model_input(state, x, i), t)
-        x, state = sched.step(state, eps, i, x, jax.random.fold_in(key, i))
+        x, state = sched.step(state, eps, i, x, noise=z_i)  # z_i ~ N(0, I): stochastic solvers only
 
 img2img: `create(..., strength=s)` sets `state.start_index` (diffusers' get_timesteps); start
 from `x = sched.add_noise_at(state, x0_latents, noise)` instead of `noise * init_noise_sigma`
@@ -41,7 +41,6 @@ __all__ = [
     "num_model_calls",
     "pad_schedule",
     "schedule_length",
-    "denoise_loop",
     "img2img_start",
     "add_noise",
     "get_velocity",
@@ -57,7 +56,7 @@ class Scheduler:
     create(config, num_inference_steps, shape, *, strength=1.0, **options) -> State   (Python)
     init_noise_sigma(state) -> f32 scalar
     scale_model_input(state, sample, i) -> sample
-    step(state, model_output, i, sample, key=None, *, noise=None) -> (prev_sample, state)
+    step(state, model_output, i, sample, *, noise=None) -> (prev_sample, state)
     add_noise_at(state, original, noise, index=None) -> noisy sample at timesteps[index]
     """
 
@@ -67,7 +66,7 @@ class Scheduler:
     scale_model_input: Callable[..., jax.Array]
     step: Callable[..., tuple[jax.Array, Any]]
     add_noise_at: Callable[..., jax.Array]
-    stochastic: bool  # always needs a key (ddim needs one only with eta > 0)
+    stochastic: bool  # always needs noise (ddim needs it only with eta > 0)
     diffusers_class: str
     order: int = 1  # diffusers' `scheduler.order` (the img2img start is t_start * order)
     step_fields: tuple[str, ...] = ()  # per-step arrays, padded together by pad_schedule
@@ -151,20 +150,3 @@ def pad_schedule(scheduler: Scheduler, state, length: int):
     widths = lambda a: [(0, length - calls)] + [(0, 0)] * (a.ndim - 1)  # noqa: E731
     return state.replace(**{f: jnp.pad(getattr(state, f), widths(getattr(state, f)), mode="edge")
                             for f in scheduler.step_fields})
-
-
-def denoise_loop(scheduler: Scheduler, state, sample: jax.Array, model_fn: Callable, key: jax.Array | None):
-    """Reference loop, jittable with `scheduler` and `model_fn` static: runs loop indices
-    start_index .. num_calls-1 with `lax.fori_loop` (both bounds traced).
-
-    model_fn(model_input, t, i) -> model_output. Step i gets key fold_in(key, i).
-    Returns (final sample, final state).
-    """
-    def body(i, carry):
-        x, st = carry
-        model_in = scheduler.scale_model_input(st, x, i)
-        out = model_fn(model_in, st.timesteps[i], i)
-        step_key = None if key is None else jax.random.fold_in(key, i)
-        return scheduler.step(st, out, i, x, step_key)
-
-    return jax.lax.fori_loop(jnp.asarray(state.start_index, jnp.int32), state.num_calls, body, (sample, state))

@@ -42,17 +42,13 @@ def x0_from_sigma(prediction_type: str, model_output, sample, sigma):
     raise ValueError(f"prediction_type={prediction_type!r}; valid: 'epsilon', 'v_prediction', 'sample'")
 
 
-def step_noise(key, noise, shape) -> jax.Array | None:
-    """The N(0, I) draw of a stochastic step: `noise` if given, else normal(key, shape, float32).
+def step_noise(noise) -> jax.Array | None:
+    """The N(0, I) draw of a stochastic step as float32 (None for a deterministic one).
 
-    Convention: the noise of loop step i is `jax.random.normal(key_i, sample.shape, float32)`
-    for the key passed to `step`; `denoise_loop` passes key_i = fold_in(key, i).
+    The sampler draws it per image (``sd_jax.sampling.step_noise``), so image b's noise
+    does not depend on the rest of the batch.
     """
-    if noise is not None:
-        return f32(noise)
-    if key is not None:
-        return jax.random.normal(key, shape, F32)
-    return None
+    return None if noise is None else f32(noise)
 
 
 def img2img_start(num_inference_steps: int, strength: float, order: int = 1) -> int:

@@ -30,7 +30,7 @@ class DDIMState:
     prediction_type: str = struct.field(pytree_node=False)
     clip_sample: bool = struct.field(pytree_node=False)
     clip_sample_range: float = struct.field(pytree_node=False)
-    stochastic: bool = struct.field(pytree_node=False)  # eta > 0: step needs a key
+    stochastic: bool = struct.field(pytree_node=False)  # eta > 0: step needs noise
 
 
 def create(
@@ -76,7 +76,7 @@ def scale_model_input(state: DDIMState, sample: jax.Array, i) -> jax.Array:
     return sample
 
 
-def step(state: DDIMState, model_output, i, sample, key=None, *, noise=None):
+def step(state: DDIMState, model_output, i, sample, *, noise=None):
     """x_{t-Δ} from x_t (DDIM eq. 12), returns (prev_sample, state)."""
     x, m = f32(sample), f32(model_output)
     a_t, a_prev = state.alpha_t[i], state.alpha_prev[i]
@@ -88,9 +88,9 @@ def step(state: DDIMState, model_output, i, sample, key=None, *, noise=None):
     std = state.eta * jnp.sqrt(variance)
     # eq. 12: sqrt(ᾱ_{t-1}) x̂_0 + sqrt(1 - ᾱ_{t-1} - σ_t²) ε̂ + σ_t z
     prev = jnp.sqrt(a_prev) * x0 + jnp.sqrt(1.0 - a_prev - std**2) * eps
-    z = step_noise(key, noise, x.shape)
+    z = step_noise(noise)
     if z is None and state.stochastic:
-        raise ValueError("ddim with eta > 0 needs a PRNG key (or explicit noise) in step()")
+        raise ValueError("ddim with eta > 0 needs noise= (an N(0, I) draw of the sample's shape) in step()")
     if z is not None:
         prev = prev + std * z
     return prev.astype(sample.dtype), state

@@ -78,11 +78,11 @@ def scale_model_input(state: DDPMState, sample: jax.Array, i) -> jax.Array:
     return sample
 
 
-def step(state: DDPMState, model_output, i, sample, key=None, *, noise=None):
-    """One ancestral step (eq. 6-7); needs `key` (noise = normal(key, shape, f32)) or `noise`."""
-    z = step_noise(key, noise, jnp.shape(sample))
+def step(state: DDPMState, model_output, i, sample, *, noise=None):
+    """One ancestral step (eq. 6-7); needs `noise`, an N(0, I) draw."""
+    z = step_noise(noise)
     if z is None:
-        raise ValueError("ddpm is stochastic: step() needs a PRNG key (or explicit noise)")
+        raise ValueError("ddpm is stochastic: step() needs noise= (an N(0, I) draw of the sample's shape)")
     x, m = f32(sample), f32(model_output)
     a_t, a_prev = state.alpha_t[i], state.alpha_prev[i]
     beta_prod_t, beta_prod_prev = 1.0 - a_t, 1.0 - a_prev

@@ -120,8 +120,8 @@ def _x0(prediction_type, m, x, alpha, sigma_t):
     raise ValueError(f"prediction_type={prediction_type!r}; valid: 'epsilon', 'v_prediction', 'sample'")
 
 
-def step(state: DPMSolverState, model_output, i, sample, key=None, *, noise=None):
-    """One DPM-Solver++(2M) step; returns (prev_sample, new_state). Deterministic (key unused)."""
+def step(state: DPMSolverState, model_output, i, sample, *, noise=None):
+    """One DPM-Solver++(2M) step; returns (prev_sample, new_state). Deterministic (no noise)."""
     x, m = f32(sample), f32(model_output)
     n = state.num_calls
     a_s0, s_s0, l_s0 = _vp(state.sigmas[i])

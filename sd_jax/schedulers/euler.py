@@ -58,8 +58,8 @@ def scale_model_input(state: EulerState, sample: jax.Array, i) -> jax.Array:
     return (f32(sample) / jnp.sqrt(sigma**2 + 1)).astype(sample.dtype)
 
 
-def step(state: EulerState, model_output, i, sample, key=None, *, noise=None):
-    """x_{i+1} = x_i + (σ_{i+1} - σ_i) d_i, d_i = (x_i - x̂_0) / σ_i. Deterministic (key unused)."""
+def step(state: EulerState, model_output, i, sample, *, noise=None):
+    """x_{i+1} = x_i + (σ_{i+1} - σ_i) d_i, d_i = (x_i - x̂_0) / σ_i. Deterministic (no noise)."""
     x, m = f32(sample), f32(model_output)
     sigma, sigma_next = state.sigmas[i], state.sigmas[i + 1]
     d = (x - x0_from_sigma(state.prediction_type, m, x, sigma)) / sigma

@@ -53,11 +53,11 @@ def create(
     )
 
 
-def step(state: EulerAncestralState, model_output, i, sample, key=None, *, noise=None):
-    """One ancestral step; needs `key` (noise = normal(key, shape, f32)) or explicit `noise`."""
-    z = step_noise(key, noise, jnp.shape(sample))
+def step(state: EulerAncestralState, model_output, i, sample, *, noise=None):
+    """One ancestral step; needs `noise`, an N(0, I) draw."""
+    z = step_noise(noise)
     if z is None:
-        raise ValueError("euler_a is stochastic: step() needs a PRNG key (or explicit noise)")
+        raise ValueError("euler_a is stochastic: step() needs noise= (an N(0, I) draw of the sample's shape)")
     x, m = f32(sample), f32(model_output)
     sigma, sigma_to = state.sigmas[i], state.sigmas[i + 1]
     sigma_up = jnp.sqrt(sigma_to**2 * (sigma**2 - sigma_to**2) / sigma**2)

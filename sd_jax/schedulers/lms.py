@@ -90,8 +90,8 @@ def scale_model_input(state: LMSState, sample: jax.Array, i) -> jax.Array:
     return (f32(sample) / jnp.sqrt(sigma**2 + 1)).astype(sample.dtype)
 
 
-def step(state: LMSState, model_output, i, sample, key=None, *, noise=None):
-    """x_{i+1} = x_i + Σ_k c_{i,k} d_{i-k}, d = (x - x̂_0)/σ. Deterministic (key unused)."""
+def step(state: LMSState, model_output, i, sample, *, noise=None):
+    """x_{i+1} = x_i + Σ_k c_{i,k} d_{i-k}, d = (x - x̂_0)/σ. Deterministic (no noise)."""
     x, m = f32(sample), f32(model_output)
     sigma = state.sigmas[i]
     d = (x - x0_from_sigma(state.prediction_type, m, x, sigma)) / sigma

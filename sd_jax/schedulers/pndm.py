@@ -166,8 +166,8 @@ def _prk(state: PNDMState, e, t, x):
     return prev, dict(ets=ets, num_ets=num, cur_sample=cur_sample, cur_model_output=acc)
 
 
-def step(state: PNDMState, model_output, i, sample, key=None, *, noise=None):
-    """One model call's update; returns (prev_sample, new_state). Deterministic (key unused)."""
+def step(state: PNDMState, model_output, i, sample, *, noise=None):
+    """One model call's update; returns (prev_sample, new_state). Deterministic (no noise)."""
     x, e = f32(sample), f32(model_output)
     t = state.timesteps[i]
     prev, upd = _plms(state, e, t, x)
