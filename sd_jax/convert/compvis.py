@@ -681,16 +681,9 @@ def read_config_override(config: str | Path) -> tuple[Architecture, Path | None]
         arch = Architecture(family, cfgs["unet"], cfgs["vae"], cfgs["text_encoder"], scheduler)
         return arch, tok if tok.is_dir() else None
     if path.is_file() and path.suffix.lower() in (".yaml", ".yml"):
-        import yaml
+        from sd_jax.limits import read_yaml_file  # size, nesting and alias expansion bounded, one-line errors
 
-        size = path.stat().st_size
-        if size > limits.MAX_YAML_BYTES:
-            raise limits.InputLimitError(f"{path} is {size} bytes, over the {limits.MAX_YAML_BYTES}-byte limit for "
-                                         "a model .yaml")
-        try:
-            data = limits.load_yaml(path.read_text(encoding="utf-8"), path)
-        except (yaml.YAMLError, UnicodeDecodeError) as err:
-            raise ValueError(f"{path} is not valid YAML: {limits.short_error(err, 300)}") from None
+        data = read_yaml_file(path, f"config {path}")
         try:
             return configs_from_ldm_yaml(data, path), None
         except (TypeError, KeyError) as err:

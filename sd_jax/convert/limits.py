@@ -5,9 +5,9 @@ is done, so a file of a few hundred bytes can neither hang a load nor grow it by
 
 * ``short(value)``: the text of any value for an error message, at most ``ECHO_CHARS`` characters,
   built without ever calling ``repr`` on the whole value (nested, shared or huge values included).
-* ``load_json`` / ``load_yaml``: configuration text of at most ``MAX_JSON_BYTES`` /
-  ``MAX_YAML_BYTES``, nested at most ``MAX_NESTING`` deep; YAML whose aliases (``*name``) would
-  expand it past ``MAX_YAML_NODES`` values ("billion laughs") is refused before anything is built.
+* ``load_json``: JSON text of at most ``MAX_JSON_BYTES``, nested at most ``MAX_NESTING`` deep
+  (CompVis YAML configs go through ``sd_jax.limits.read_yaml_file``, which bounds size, nesting
+  and alias expansion the same way).
 * Pickles (see ``torch_pickle``): ``MAX_PICKLE_BYTES`` of pickle, ``MAX_PICKLE_OPCODES`` opcodes,
   ``MAX_NESTING`` levels, and an object graph whose full unfolding (what hashing, comparing or
   printing it walks) is at most ``unfolded_limit(opcodes)`` nodes.
@@ -28,8 +28,6 @@ import numpy as np
 ECHO_CHARS = 80                 # the most characters of one value an error message shows
 MAX_NESTING = 100               # containers inside containers (real checkpoints and configs: < 30)
 MAX_JSON_BYTES = 64 << 20       # a config.json or an *.index.json (real ones: < 1 MB)
-MAX_YAML_BYTES = 1 << 20        # a CompVis .yaml (v1-inference.yaml: 2 KB)
-MAX_YAML_NODES = 100_000        # values in a YAML document with its aliases expanded (v1-inference.yaml: ~100)
 MAX_PICKLE_BYTES = 64 << 20     # a torch.save data.pkl (SD v1 full-EMA .ckpt: ~0.3 MB)
 MAX_PICKLE_OPCODES = 2_000_000  # (~15 per tensor: SD v1 full-EMA .ckpt ~40k; scanning 2M takes ~2 s)
 MAX_INFLATION_RATIO = 100       # inflated / stored bytes of a compressed member (torch.save stores, ratio 1)
@@ -159,71 +157,6 @@ def load_json(text: str | bytes, where: Any, *, max_bytes: int = MAX_JSON_BYTES,
     if depth > MAX_NESTING:
         raise InputLimitError(f"{where}: JSON nested {depth} deep; the limit is {MAX_NESTING}")
     return json.loads(text, object_pairs_hook=object_pairs_hook)
-
-
-def load_yaml(text: str, where: Any) -> Any:
-    """``yaml.safe_load`` of at most MAX_YAML_BYTES, nested at most MAX_NESTING deep, whose aliases unfold
-    to at most MAX_YAML_NODES nodes (a "billion laughs" document is refused before anything is built)."""
-    import yaml
-
-    if len(text) > MAX_YAML_BYTES:
-        raise InputLimitError(f"{where}: {len(text)} bytes of YAML is over the {MAX_YAML_BYTES}-byte limit")
-
-    class BoundedLoader(yaml.SafeLoader):
-        """SafeLoader that refuses too deep a nesting while composing."""
-
-        depth = 0
-
-        def compose_node(self, parent: Any, index: Any) -> Any:
-            """Compose one node, refusing nesting beyond MAX_NESTING."""
-            self.depth += 1
-            try:
-                if self.depth > MAX_NESTING:
-                    raise InputLimitError(f"{where}: YAML nested more than {MAX_NESTING} deep")
-                return super().compose_node(parent, index)
-            finally:
-                self.depth -= 1
-
-    loader = BoundedLoader(text)
-    try:
-        node = loader.get_single_node()
-        if node is None:
-            return None
-        nodes = _unfolded_yaml_nodes(node, where)
-        if nodes > MAX_YAML_NODES:
-            raise InputLimitError(f"{where}: YAML aliases (*name) expand it to over {MAX_YAML_NODES} values; "
-                                  "refusing to build it")
-        return loader.construct_document(node)
-    finally:
-        loader.dispose()
-
-
-def _unfolded_yaml_nodes(root: Any, where: Any) -> int:
-    """Nodes of a composed YAML graph with every alias expanded (saturating past MAX_YAML_NODES)."""
-    import yaml
-
-    def children(node: Any) -> list[Any]:
-        if isinstance(node, yaml.MappingNode):
-            return [n for pair in node.value for n in pair]
-        return list(node.value) if isinstance(node, yaml.SequenceNode) else []
-
-    sizes: dict[int, int] = {}
-    stack: list[tuple[Any, bool]] = [(root, False)]
-    open_nodes: set[int] = set()
-    while stack:
-        node, done = stack.pop()
-        if id(node) in sizes:
-            continue
-        if done:
-            open_nodes.discard(id(node))
-            sizes[id(node)] = min(MAX_YAML_NODES + 1, 1 + sum(sizes[id(c)] for c in children(node)))
-            continue
-        if id(node) in open_nodes:
-            raise InputLimitError(f"{where}: YAML alias refers to a value that contains it (a recursive document)")
-        open_nodes.add(id(node))
-        stack.append((node, True))
-        stack.extend((c, False) for c in children(node) if id(c) not in sizes)
-    return sizes[id(root)]
 
 
 def short_error(err: BaseException, limit: int = 200) -> str:
