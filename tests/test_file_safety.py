@@ -20,6 +20,9 @@ from typing import Any, Callable
 
 import numpy as np
 import pytest
+from pickle_ops import pickle_int as _int
+from pickle_ops import pickle_int_tuple as _tuple
+from pickle_ops import pickle_str as _str
 
 from sd_jax.convert.files import CheckpointFormatError, UnsafeCheckpointError, read_state_dict
 from sd_jax.convert.safetensors_io import load_safetensors
@@ -40,22 +43,6 @@ def _write_torch_zip(path: Path, data_pkl: bytes, storages: dict[str, bytes] | N
             zf.writestr(f"archive/data/{key}", raw)
         zf.writestr("archive/version", "3\n")
     return path
-
-
-def _str(text: str) -> bytes:
-    """Pickle opcode BINUNICODE for a str."""
-    raw = text.encode()
-    return b"X" + struct.pack("<I", len(raw)) + raw
-
-
-def _int(value: int) -> bytes:
-    """Pickle opcode BININT for a 32-bit int."""
-    return b"J" + struct.pack("<i", value)
-
-
-def _tuple(values: tuple[int, ...]) -> bytes:
-    """Pickle opcodes for a tuple of ints."""
-    return b"(" + b"".join(_int(v) for v in values) + b"t"
 
 
 def _tensor(key: str, numel: int, offset: int, size: tuple[int, ...], stride: tuple[int, ...],

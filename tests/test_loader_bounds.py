@@ -16,6 +16,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from pickle_ops import pickle_int as _int
+from pickle_ops import pickle_int_tuple as _tuple
+from pickle_ops import pickle_str as _str
 
 from sd_jax.convert import limits
 from sd_jax.convert.files import CheckpointFormatError, read_state_dict
@@ -35,19 +38,6 @@ def _zip(path: Path, data_pkl: bytes, storages: dict[str, bytes] | None = None,
             method = next((m for suffix, m in compress.items() if name.endswith(suffix)), zipfile.ZIP_STORED)
             zf.writestr(name, raw, compress_type=method)
     return path
-
-
-def _str(text: str) -> bytes:
-    raw = text.encode()
-    return b"X" + struct.pack("<I", len(raw)) + raw
-
-
-def _int(value: int) -> bytes:
-    return b"J" + struct.pack("<i", value)
-
-
-def _tuple(values: tuple[int, ...]) -> bytes:
-    return b"(" + b"".join(_int(v) for v in values) + b"t"
 
 
 def _tensor(key: str, numel: int, size: bytes, stride: bytes, storage: str = "FloatStorage") -> bytes:
