@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -82,13 +81,10 @@ def print_bug(prog: str, err: BaseException) -> int:
 
 
 def check_model_source(model: str) -> None:
-    """A model path must exist; anything that is not a path must look like a hub id ('org/name')."""
-    from sd_jax.convert.source import looks_like_hub_id  # the loader's own rule for hub ids
+    """A model path must exist; a hub id must be cached or reachable (one line at once offline)."""
+    from sd_jax.generation import check_model_source as check  # the library's rule, shared with generate
 
-    if Path(model).expanduser().exists() or looks_like_hub_id(model):
-        return
-    raise FileNotFoundError(f"--model {model!r} does not exist: pass a diffusers folder, a .ckpt/.safetensors "
-                            "file, or a hub id such as CompVis/stable-diffusion-v1-4")
+    check(model)
 
 
 def check_readable_file(path: str | Path, flag: str) -> Path:
@@ -106,15 +102,9 @@ def check_readable_file(path: str | Path, flag: str) -> Path:
 
 def prepare_output_dir(path: str | Path, flag: str = "--outdir") -> Path:
     """Create the folder if needed and prove it is writable (by writing and removing a file)."""
-    path = Path(path).expanduser()
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".sd_jax-write-test-"):
-            pass
-    except OSError as err:
-        reason = err.strerror or str(err)
-        raise OSError(f"{flag} {str(path)!r} is not a writable folder: {reason}") from None
-    return path
+    from sd_jax.outputs import prepare
+
+    return prepare(path, flag)
 
 
 def read_lines(path: str | Path, flag: str) -> list[str]:
