@@ -416,8 +416,12 @@ def _log_samples(pipe: Any, state: Any, config: TrainConfig, paths: RunPaths, lo
         return
     # On this process's first device: a multi-process jit refuses numpy inputs it must shard.
     result = sample_images(pipe, jax.device_put(params, jax.local_devices()[0]), config)
-    for i, (image, prompt) in enumerate(zip(result.images, result.prompts)):
-        image.save(paths.samples / f"step{step:06d}-{i:02d}.png")
+    from sd_jax.images import save_png
+    from sd_jax.outputs import image_metadata  # the one PNG schema (prompt, seed, steps, ... as generate.py)
+
+    for i, image in enumerate(result.images):
+        meta = image_metadata(result, i, model=str(config.model.path), extra={"train_step": step})
+        save_png(image, paths.samples / f"step{step:06d}-{i:02d}.png", meta)
     logger.images(step, "samples", result.images)
 
 
