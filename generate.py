@@ -1,6 +1,7 @@
-"""Generate images with Stable Diffusion: ``python generate.py --model MODEL --prompt TEXT``.
+"""Generate images with Stable Diffusion: ``python generate.py --prompt TEXT [--model MODEL]``.
 
-A thin wrapper; the logic is ``sd_jax.cli.generate`` (``--help`` lists the flags).
+A thin wrapper: ``sd_jax.cli.generate`` parses the flags (``--help`` lists them) and
+``sd_jax.generation.run`` does the work.
 """
 
 import sys
