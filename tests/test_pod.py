@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -137,8 +138,9 @@ def test_nan_stop_reaches_every_process_at_the_same_step(tiny_folder, tmp_path):
     report = _report(res, logs)
     assert res.returncode != 0, report
     pattern = r"the loss became \S+ at step (\d+)"
-    steps = [re.findall(pattern, text) for text in (res.stderr + res.stdout, (logs / "process-1.log").read_text())]
-    assert steps[0] and steps[0] == steps[1], report
+    own = re.sub(r"--- process \d+, last lines:.*?\n---", "", res.stderr + res.stdout, flags=re.S)  # not the echo
+    steps = [re.findall(pattern, text) for text in (own, (logs / "process-1.log").read_text())]
+    assert len(steps[0]) == 1 and steps[0] == steps[1], report
     assert not (tmp_path / "out" / "final").exists()
 
 
@@ -166,3 +168,75 @@ def test_two_processes_sample_as_one(tiny_folder, tmp_path):
             assert ta.pop("batch_size") == "2" and tb.pop("batch_size") == "3"
             assert {k: v for k, v in ta.items() if k != "parameters"} == \
                 {k: v for k, v in tb.items() if k != "parameters"}, name
+
+
+@pytest.mark.slow  # ~3 runs of the tiny model on 2 processes
+def test_unet_and_text_encoder_train_as_one(tiny_folder, tmp_path):
+    instance = _subject_images(tmp_path / "dog")
+    recipe = ["--train-text-encoder", "--train-batch-size", "2", "--max-train-steps", "2", "--learning-rate", "1e-4",
+              "--set", f"optim.adam_epsilon={ADAM_EPS}"]
+    finals = []
+    for name, processes, devices in (("pod", 2, 4), ("one", 1, 8)):
+        logs = tmp_path / f"{name}-logs"
+        res = launch(processes, devices, _train_args(tiny_folder, instance, tmp_path / name, *recipe), logs)
+        assert res.returncode == 0, _report(res, logs)
+        finals.append(tmp_path / name / "final")
+    assert_same_training(_read_unet(tiny_folder), _read_unet(finals[0]), _read_unet(finals[1]))
+    from sd_jax.convert.files import read_state_dict
+
+    text = [{k: np.asarray(v) for k, v in read_state_dict(f / "text_encoder" / "model.safetensors").items()}
+            for f in (tiny_folder, *finals)]
+    trained = {k for k in text[0] if not np.array_equal(text[0][k], text[1][k])}
+    assert trained, "the text encoder did not train"
+    assert_same_training(*({k: t[k] for k in trained} for t in text))
+
+
+@pytest.mark.slow
+def test_one_process_dying_stops_the_other_then_the_run_resumes(tiny_folder, tmp_path):
+    """SIGKILL process 1 mid-run (no launcher: as on a pod): process 0 ends by itself, with JAX's message,
+    within the heartbeat/shutdown bounds; the same command then resumes from the last checkpoint."""
+    import signal
+    import time
+
+    from sd_jax.launch import child_env, free_port
+
+    instance = _subject_images(tmp_path / "dog")
+    out = tmp_path / "out"
+    args = _train_args(tiny_folder, instance, out, "--max-train-steps", "12", "--checkpoint-every", "1",
+                       "--learning-rate", "1e-4")
+    port = free_port()
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
+    base.update(SD_JAX_COMPILATION_CACHE="0", SD_JAX_HEARTBEAT_TIMEOUT_S="15", SD_JAX_SHUTDOWN_TIMEOUT_S="15")
+    logs = [open(tmp_path / f"p{i}.log", "w") for i in range(2)]
+    procs = [subprocess.Popen([sys.executable, *args], env=child_env(base, i, 2, port, 2), cwd=ROOT,
+                              stdout=logs[i], stderr=subprocess.STDOUT) for i in range(2)]
+    try:
+        deadline = time.monotonic() + TIMEOUT_S
+        ckpts = out / "checkpoints"
+        while time.monotonic() < deadline and all(p.poll() is None for p in procs):
+            if ckpts.is_dir() and any(p.name.isdigit() and int(p.name) >= 2 for p in ckpts.iterdir()):
+                break
+            time.sleep(0.1)
+        assert all(p.poll() is None for p in procs), "the run ended before a process could be killed"
+        procs[1].send_signal(signal.SIGKILL)
+        killed_at = time.monotonic()
+        status = procs[0].wait(timeout=240)
+        waited = time.monotonic() - killed_at
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+        for f in logs:
+            f.close()
+    text = (tmp_path / "p0.log").read_text(errors="replace")
+    assert status != 0, text[-3000:]
+    assert waited < 120, f"process 0 needed {waited:.0f} s to stop after process 1 died"
+    assert re.search(r"another task died|heartbeat|Connection closed|unhealthy", text), text[-3000:]
+    assert not (out / "final").exists()
+
+    res = launch(2, 2, args, tmp_path / "resume-logs")
+    assert res.returncode == 0, _report(res, tmp_path / "resume-logs")
+    steps = [json.loads(line)["step"] for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 13)), steps
+    assert (out / "final" / "model_index.json").is_file()
