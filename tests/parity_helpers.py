@@ -63,6 +63,23 @@ def assert_outputs_close(got: dict[str, np.ndarray], want: dict[str, np.ndarray]
     assert not bad, f"outputs differ by more than {rel:g} x scale: {bad} (all: {errors})"
 
 
+def assert_each_close(got: dict[str, np.ndarray], want: dict[str, np.ndarray], what: str, rel: float = 1e-4,
+                      atol: float = 0.0) -> None:
+    """The same names, and every tensor within ``rel`` x its own scale (max |want| of that tensor)
+    + ``atol``: a small tensor is held to its own size, not to the largest tensor's, and a missing one
+    fails. ``atol`` is for tensors that are zero up to rounding."""
+    assert set(got) == set(want), (f"{what}: missing {sorted(set(want) - set(got))[:5]}, "
+                                   f"unexpected {sorted(set(got) - set(want))[:5]}")
+    bad = {}
+    for k in want:
+        a, b = np.asarray(got[k], np.float64), np.asarray(want[k], np.float64)
+        err, scale = float(np.abs(a - b).max(initial=0)), float(np.abs(b).max(initial=0))
+        if not err <= rel * scale + atol:
+            bad[k] = f"|diff| {err:.2e}, scale {scale:.2e}"
+    worst = dict(list(bad.items())[:5])
+    assert not bad, f"{what}: {len(bad)} tensors differ by more than {rel:g} x their scale + {atol:.2e}: {worst}"
+
+
 def torch_state(module) -> dict[str, np.ndarray]:
     """A torch module's state dict as float32 numpy arrays."""
     return {k: v.detach().float().numpy() for k, v in module.state_dict().items()}
