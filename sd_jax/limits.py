@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import math
 import numbers
-import reprlib
+import os
 from typing import Any
 
+import numpy as np
 import yaml
 
 ECHO_CHARS = 80  # longest echo of a user value in an error message
@@ -81,26 +82,83 @@ MAX_SEED = 2**32 - 1
 
 # ---------------------------------------------------------------------------------- echoes
 
-class _ShortRepr(reprlib.Repr):
-    def __init__(self):
-        super().__init__()
-        self.maxlevel, self.maxlist, self.maxtuple, self.maxdict = 3, 6, 6, 4
-        self.maxset = self.maxfrozenset = self.maxdeque = self.maxarray = 6
-        self.maxstring = self.maxother = self.maxlong = ECHO_CHARS
-
-    def repr_int(self, x: int, level: int) -> str:
-        if x.bit_length() > 256:  # repr of a 5000-digit int raises (and costs); its size is what matters
-            return f"<an integer of about {math.floor(x.bit_length() * math.log10(2)) + 1} digits>"
-        return super().repr_int(x, level)
-
-
-_REPR = _ShortRepr()
-
-
 def short(value: Any, limit: int = ECHO_CHARS) -> str:
-    """``repr(value)`` cut to at most ``limit`` characters, in time bounded whatever the value's size
-    or nesting (only the first few entries of each level are looked at)."""
-    return clip(_REPR.repr(value), limit)
+    """A bounded repr of ``value``: at most ``limit`` characters, in time bounded by ``limit``.
+
+    Strings and bytes are cut before ``repr``; containers show their first items, a few levels
+    deep (shared or nested values cost no more than flat ones); big integers show their size;
+    arrays their shape and dtype; any other object only its type name (its ``__repr__`` never runs).
+    """
+    parts: list[str] = []
+    _short_into(value, parts, [limit + 1], depth=3)
+    text = "".join(parts)
+    return text if len(text) <= limit else text[: max(0, limit - 3)] + "..."
+
+
+def _short_into(value: Any, parts: list[str], budget: list[int], depth: int) -> None:
+    """Append pieces of value's text to parts while budget[0] (characters left) is positive."""
+    if budget[0] <= 0:
+        return
+    text = _short_scalar(value, budget[0])
+    if text is None:
+        if isinstance(value, (tuple, list, set, frozenset, dict)):
+            _short_container(value, parts, budget, depth)
+            return
+        text = f"<{type(value).__name__}>"
+    parts.append(text)
+    budget[0] -= len(text)
+
+
+def _short_scalar(value: Any, room: int) -> str | None:
+    """The text of a value that is not a container, or None for containers."""
+    if value is None or isinstance(value, (bool, float)):
+        return repr(value)
+    if isinstance(value, int):
+        return repr(int(value)) if value.bit_length() <= 64 else f"<int of {value.bit_length()} bits>"
+    if isinstance(value, (str, bytes, bytearray)):
+        cut = value[:room]
+        return repr(cut) + ("..." if len(value) > room else "")
+    if isinstance(value, np.ndarray):
+        return f"<array {value.dtype} {value.shape}>" if value.ndim <= 8 else f"<array {value.dtype} ndim={value.ndim}>"
+    if isinstance(value, os.PathLike):
+        return _short_scalar(os.fspath(value), room)
+    return None
+
+
+def _short_container(value: Any, parts: list[str], budget: list[int], depth: int) -> None:
+    """Append a container's opening, first items and closing to parts."""
+    kind = type(value)
+    opening, closing = (("(", ")") if isinstance(value, tuple) else ("[", "]") if isinstance(value, list)
+                        else ("{", "}"))
+    if kind not in (tuple, list, set, frozenset, dict):
+        opening = f"{kind.__name__}({opening}"
+        closing += ")"
+    if depth <= 0:
+        parts.append(opening + "..." + closing)
+        budget[0] -= len(parts[-1])
+        return
+    parts.append(opening)
+    budget[0] -= len(opening)
+    items = value.items() if isinstance(value, dict) else value
+    for i, item in enumerate(items):
+        if budget[0] <= 0 or i >= 8:
+            parts.append(", ..." if i else "...")
+            budget[0] -= 5
+            break
+        if i:
+            parts.append(", ")
+            budget[0] -= 2
+        if isinstance(value, dict):
+            _short_into(item[0], parts, budget, depth - 1)
+            parts.append(": ")
+            budget[0] -= 2
+            _short_into(item[1], parts, budget, depth - 1)
+        else:
+            _short_into(item, parts, budget, depth - 1)
+    if isinstance(value, tuple) and len(value) == 1:
+        parts.append(",")
+    parts.append(closing)
+    budget[0] -= len(closing) + 1
 
 
 def clip(text: str, limit: int = ECHO_CHARS) -> str:

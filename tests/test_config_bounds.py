@@ -101,7 +101,7 @@ def test_huge_integer_is_one_config_error(tmp_path):
 
 
 @pytest.mark.parametrize("text, match", [
-    ("seed: " + "x" * 100_000 + "\n", r"seed='xxx.*\.\.\.xxx.*' is not valid"),
+    ("seed: " + "x" * 100_000 + "\n", r"seed='x{10,80}\.\.\. is not valid"),
     ("? " + "k" * 100_000 + "\n: 1\n", "unknown config key 'kkk"),
     ("concepts: " + "y" * 100_000 + "\n", "concepts='yyy"),
     ("optim: " + "z" * 100_000 + "\n", "optim must be a mapping, got 'zzz"),
@@ -251,7 +251,7 @@ def _schedule(**kw):
     (lambda: _schedule(beta_end=math.nan), r"beta_end=nan"),
     (lambda: _schedule(trained_betas=(0.5,) * 3), r"num_train_timesteps=1000 values"),
     (lambda: _schedule(steps_offset=10**9), r"steps_offset=1000000000"),
-    (lambda: _schedule(prediction_type="e" * 10**6), r"prediction_type='eee.*\.\.\.eee.*' is not supported"),
+    (lambda: _schedule(prediction_type="e" * 10**6), r"prediction_type='e{10,80}\.\.\. is not supported"),
 ])
 def test_model_and_schedule_configs_are_bounded(make, match):
     start = time.perf_counter()

@@ -3,8 +3,8 @@
 Every reader in ``sd_jax.convert`` works within these bounds, checked before (or while) the work
 is done, so a file of a few hundred bytes can neither hang a load nor grow it by gigabytes:
 
-* ``short(value)``: the text of any value for an error message, at most ``ECHO_CHARS`` characters,
-  built without ever calling ``repr`` on the whole value (nested, shared or huge values included).
+* ``short(value)`` (from ``sd_jax.limits``): the text of any value for an error message, at most
+  ``ECHO_CHARS`` characters, built without ever calling ``repr`` on the whole value.
 * ``load_json``: JSON text of at most ``MAX_JSON_BYTES``, nested at most ``MAX_NESTING`` deep
   (CompVis YAML configs go through ``sd_jax.limits.read_yaml_file``, which bounds size, nesting
   and alias expansion the same way).
@@ -19,13 +19,13 @@ is done, so a file of a few hundred bytes can neither hang a load nor grow it by
 from __future__ import annotations
 
 import json
-import os
 import re
 from typing import Any, Callable
 
 import numpy as np
 
-ECHO_CHARS = 80                 # the most characters of one value an error message shows
+from sd_jax.limits import ECHO_CHARS, short  # noqa: F401  (the one bounded echo, re-exported for convert/)
+
 MAX_NESTING = 100               # containers inside containers (real checkpoints and configs: < 30)
 MAX_JSON_BYTES = 64 << 20       # a config.json or an *.index.json (real ones: < 1 MB)
 MAX_PICKLE_BYTES = 64 << 20     # a torch.save data.pkl (SD v1 full-EMA .ckpt: ~0.3 MB)
@@ -46,85 +46,6 @@ def unfolded_limit(opcodes: int) -> int:
 def materialised_limit(file_size: int) -> int:
     """Bytes a load of a file of ``file_size`` bytes may make in memory: twice the file plus an allowance."""
     return 2 * file_size + MATERIALISED_ALLOWANCE
-
-
-def short(value: Any, limit: int = ECHO_CHARS) -> str:
-    """A bounded repr of ``value``: at most ``limit`` characters, in time bounded by ``limit``.
-
-    Strings and bytes are cut before ``repr``; containers show their first items, a few levels
-    deep (shared or nested values cost no more than flat ones); big integers show their size;
-    arrays their shape and dtype; any other object only its type name (its ``__repr__`` never runs).
-    """
-    parts: list[str] = []
-    _short_into(value, parts, [limit + 1], depth=3)
-    text = "".join(parts)
-    return text if len(text) <= limit else text[: max(0, limit - 3)] + "..."
-
-
-def _short_into(value: Any, parts: list[str], budget: list[int], depth: int) -> None:
-    """Append pieces of value's text to parts while budget[0] (characters left) is positive."""
-    if budget[0] <= 0:
-        return
-    text = _short_scalar(value, budget[0])
-    if text is None:
-        if isinstance(value, (tuple, list, set, frozenset, dict)):
-            _short_container(value, parts, budget, depth)
-            return
-        text = f"<{type(value).__name__}>"
-    parts.append(text)
-    budget[0] -= len(text)
-
-
-def _short_scalar(value: Any, room: int) -> str | None:
-    """The text of a value that is not a container, or None for containers."""
-    if value is None or isinstance(value, (bool, float)):
-        return repr(value)
-    if isinstance(value, int):
-        return repr(int(value)) if value.bit_length() <= 64 else f"<int of {value.bit_length()} bits>"
-    if isinstance(value, (str, bytes, bytearray)):
-        cut = value[:room]
-        return repr(cut) + ("..." if len(value) > room else "")
-    if isinstance(value, np.ndarray):
-        return f"<array {value.dtype} {value.shape}>" if value.ndim <= 8 else f"<array {value.dtype} ndim={value.ndim}>"
-    if isinstance(value, os.PathLike):
-        return _short_scalar(os.fspath(value), room)
-    return None
-
-
-def _short_container(value: Any, parts: list[str], budget: list[int], depth: int) -> None:
-    """Append a container's opening, first items and closing to parts."""
-    kind = type(value)
-    opening, closing = (("(", ")") if isinstance(value, tuple) else ("[", "]") if isinstance(value, list)
-                        else ("{", "}"))
-    if kind not in (tuple, list, set, frozenset, dict):
-        opening = f"{kind.__name__}({opening}"
-        closing += ")"
-    if depth <= 0:
-        parts.append(opening + "..." + closing)
-        budget[0] -= len(parts[-1])
-        return
-    parts.append(opening)
-    budget[0] -= len(opening)
-    items = value.items() if isinstance(value, dict) else value
-    for i, item in enumerate(items):
-        if budget[0] <= 0 or i >= 8:
-            parts.append(", ..." if i else "...")
-            budget[0] -= 5
-            break
-        if i:
-            parts.append(", ")
-            budget[0] -= 2
-        if isinstance(value, dict):
-            _short_into(item[0], parts, budget, depth - 1)
-            parts.append(": ")
-            budget[0] -= 2
-            _short_into(item[1], parts, budget, depth - 1)
-        else:
-            _short_into(item, parts, budget, depth - 1)
-    if isinstance(value, tuple) and len(value) == 1:
-        parts.append(",")
-    parts.append(closing)
-    budget[0] -= len(closing) + 1
 
 
 # ---------------------------------------------------------------------------------------------
