@@ -202,7 +202,8 @@ def _check_output_dir(paths: RunPaths, config: TrainConfig, resume: bool | None,
         before_train = {k: v for k, v in (before.get("train") or {}).items() if k != "max_train_steps"}
         now_train = {k: v for k, v in now["train"].items() if k != "max_train_steps"}
         changed = sorted(k for k in set(before) | set(now)
-                         if k not in ("logging", "checkpoint", "train") and before.get(k) != now.get(k))
+                         if k not in ("logging", "checkpoint", "train", "output_dir")  # a moved folder resumes
+                         and before.get(k) != now.get(k))
         changed += ["train"] if before_train != now_train else []
         if changed:
             raise ValueError(f"{paths.root} holds a run with a different configuration (sections differ: "
