@@ -256,8 +256,26 @@ def train(config: TrainConfig, *, pipe: Any = None, resume: bool | None = None, 
     run = RunDir.open(config.output_dir, overwrite=overwrite, primary=jax.process_index() == 0)
     try:
         return _train(config, run, pipe=pipe, resume=resume, progress=progress, resume_step=resume_step)
+    except jax.errors.JaxRuntimeError as err:
+        lost = lost_process_error(err, Path(config.output_dir) / "checkpoints")
+        if lost is None:
+            raise
+        raise lost from err
     finally:
         run.close()
+
+
+_PEER_FAILURE = ("heartbeat", "another task", "connection closed", "unhealthy", "barrier failed")
+
+
+def lost_process_error(err: BaseException, checkpoints: Path) -> OSError | None:
+    """A collective or barrier failed because another process of the run died: one clear line, else None."""
+    text = " ".join(str(err).split())
+    if jax.process_count() == 1 or not any(sign in text.lower() for sign in _PEER_FAILURE):
+        return None
+    return OSError(f"another process of this {jax.process_count()}-process run died or became unreachable "
+                   f"({text[:160]}); run the same command on every host again to resume from the last complete "
+                   f"checkpoint in {checkpoints}")
 
 
 def _train(config: TrainConfig, run: RunDir, *, pipe: Any, resume: bool | None, progress: bool,
