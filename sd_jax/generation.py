@@ -34,7 +34,7 @@ from urllib.parse import urlparse
 
 from sd_jax.limits import MAX_SEED, short
 from sd_jax.request import (DEFAULT_GUIDANCE, DEFAULT_STEPS, RANDOM_SEED, GenerationRequest, RequestError,
-                            image_seeds)
+                            random_seed)
 
 DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
 DEFAULT_MAX_BATCH = 8
@@ -101,7 +101,7 @@ class GenerateConfig:
                 raise ValueError("--watermark needs the 'invisible-watermark' package: "
                                  "pip install 'sd_jax[watermark]'")
         if self.seed is None or self.seed == RANDOM_SEED:
-            set_("seed", image_seeds(None, self.total)[0])
+            set_("seed", random_seed(self.total))  # the run's images are streamed: never a list of every seed
         elif isinstance(self.seed, int) and self.seed + self.total - 1 > MAX_SEED:
             raise RequestError(("seed", self.seed), f" is too large: its {self.total} images would use seeds up to "
                                f"{self.seed + self.total - 1}, above the largest seed {MAX_SEED}")

@@ -388,8 +388,7 @@ def tensorboard(logdir: str | Path, inline: bool = True) -> None:
     tensorboard package is installed and this is a notebook; otherwise print how to view the logs."""
     import importlib.util
 
-    logdir = Path(logdir)
-    logdir.mkdir(parents=True, exist_ok=True)
+    logdir = Path(logdir)  # not created here: the trainer makes its output folder (TensorBoard waits for it)
     shell = _ipython_shell()
     installed = importlib.util.find_spec("tensorboard") is not None
     if inline and installed and shell is not None:

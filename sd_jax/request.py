@@ -386,10 +386,15 @@ def _image_stack(value: Any, height: int, width: int, channels: int, name: str) 
         raise RequestError((name,), f": {err}") from None
 
 
+def random_seed(total: int) -> int:
+    """A random first seed for ``total`` images (image b gets seed + b, all within 32 bits)."""
+    return int(np.random.default_rng().integers(0, MAX_SEED - total + 1))
+
+
 def image_seeds(seed: int | Sequence[int] | None, total: int) -> tuple[int, ...]:
     """Per-image seeds: ``seed + b`` for an int, the list itself, or a random first seed for None / -1."""
     if seed is None or (_is_int(seed) and seed == RANDOM_SEED):
-        seed = int(np.random.default_rng().integers(0, MAX_SEED - total + 1))
+        seed = random_seed(total)
     if _is_int(seed):
         if not 0 <= seed <= MAX_SEED - total + 1:
             raise RequestError(("seed", short(seed)), f" must be an integer in [0, {MAX_SEED - total + 1}] for "

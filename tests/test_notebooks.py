@@ -363,7 +363,8 @@ def test_tensorboard_without_the_package_says_how(tmp_path, monkeypatch, capsys)
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
     notebook.tensorboard(tmp_path / "logs")
     out = capsys.readouterr().out
-    assert (tmp_path / "logs").is_dir() and f"tensorboard --logdir {tmp_path / 'logs'}" in out
+    assert f"tensorboard --logdir {tmp_path / 'logs'}" in out
+    assert not (tmp_path / "logs").exists()  # the trainer creates its own output folder (it refuses others' files)
     assert "not installed" in out
 
 
