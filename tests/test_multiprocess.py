@@ -203,3 +203,17 @@ def test_each_process_feeds_the_global_batch_rows_its_devices_hold(tmp_path, mon
                for r in (dataset.batch(0, process_index=p, process_count=2) for p in range(2))]
         assert not np.array_equal(np.concatenate([o["pixel_values"] for o in old]),
                                   builder.micro_batch(0, mesh)["pixel_values"])
+
+
+def test_a_dead_peer_is_one_clear_line(monkeypatch, tmp_path):
+    from sd_jax.dreambooth.trainer import lost_process_error
+
+    err = RuntimeError("INTERNAL: Barrier failed because: task is set to ERROR: UNAVAILABLE: Task 1 heartbeat "
+                       "timeout. This indicates that the remote task has failed\n" + "x" * 5000)
+    assert lost_process_error(err, tmp_path) is None  # one process: not a peer's death
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    lost = lost_process_error(err, tmp_path / "checkpoints")
+    assert isinstance(lost, OSError) and "\n" not in str(lost) and len(str(lost)) < 500
+    assert "another process of this 2-process run died" in str(lost) and str(tmp_path / "checkpoints") in str(lost)
+    assert lost_process_error(RuntimeError("Gloo AllGather failed: Connection closed by peer"), tmp_path)
+    assert lost_process_error(RuntimeError("dot_general shapes do not match"), tmp_path) is None
