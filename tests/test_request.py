@@ -182,3 +182,21 @@ def test_result_records_the_request_model_and_dtype(tiny_pipe):
     meta = image_metadata(result, 1)
     assert (meta["seed"], meta["prompt"], meta["eta"], meta["batch_size"], meta["model"]) == (
         6, "b", 0.25, 1, tiny_pipe.source)
+
+
+def test_a_run_of_a_billion_images_is_streamed_not_listed():
+    """GenerateConfig draws its random seed and builds each batch's request only when it is needed."""
+    import itertools
+    import tracemalloc
+
+    from sd_jax.generation import GenerateConfig
+
+    tracemalloc.start()
+    cfg = GenerateConfig(prompts=("a", "b"), n_images=10**9, height=64, width=64)
+    first, second = itertools.islice(cfg.requests(), 2)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 50 * 2**20, peak  # listing 2e9 seeds would take tens of GB
+    assert cfg.total == 2 * 10**9 and 0 <= cfg.seed <= 2**32 - 1 - cfg.total + 1
+    assert first.seeds == tuple(range(cfg.seed, cfg.seed + 8)) and second.seeds[0] == cfg.seed + 8
+    assert first.prompts == ("a",) * 8
