@@ -29,7 +29,8 @@ remaining ``--budget-s`` is skipped and says so):
               cached compile (first call minus steady call).
 
 sd_jax runs in bfloat16 (the UNet's fp32 copy only for parity), diffusers in float16 with SDPA
-(its default attention on torch >= 2). Every figure that compares is a ratio measured in this run.
+(its default attention on torch >= 2; float32 when PyTorch is on a CPU, as in --tiny here).
+Every figure that compares is a ratio measured in this run.
 """
 
 from __future__ import annotations
