@@ -446,7 +446,7 @@ def _predict_noise(module: UNet2DConditionModel, params: Any, latents: jax.Array
 @functools.partial(jax.jit, static_argnums=(0, 3))
 def _decode_latents(module: AutoencoderKL, params: Any, latents: jax.Array, scale: float) -> jax.Array:
     """Jitted VAE decoder: scaled latents -> [0, 1] images."""
-    images = module.apply({"params": params}, (latents / scale).astype(module.dtype),
+    images = module.apply({"params": params}, (latents / scale).astype(module.compute_dtype),
                           method=AutoencoderKL.decode)
     return jnp.clip(images.astype(jnp.float32) / 2.0 + 0.5, 0.0, 1.0)
 
@@ -454,6 +454,6 @@ def _decode_latents(module: AutoencoderKL, params: Any, latents: jax.Array, scal
 @functools.partial(jax.jit, static_argnums=(0,))
 def _vae_moments(module: AutoencoderKL, params: Any, images_01: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Posterior mean and log-variance (float32) of [0, 1] images."""
-    mean, logvar = module.apply({"params": params}, (images_01 * 2.0 - 1.0).astype(module.dtype),
+    mean, logvar = module.apply({"params": params}, (images_01 * 2.0 - 1.0).astype(module.compute_dtype),
                                 method=AutoencoderKL.encode)
     return mean.astype(jnp.float32), logvar.astype(jnp.float32)
