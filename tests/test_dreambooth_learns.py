@@ -27,6 +27,7 @@ from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from PIL import Image
 
 from sd_jax import StableDiffusion, sampling
@@ -82,6 +83,7 @@ def distances(pipe: StableDiffusion, red: np.ndarray, blue: np.ndarray) -> dict[
     return out
 
 
+@pytest.mark.slow  # ~75 s: a quality check; the trainer's behaviour is covered by test_dreambooth_train
 def test_dreambooth_learns_the_subject_and_keeps_the_class(tmp_path):
     from tiny import make_tiny_sd
 

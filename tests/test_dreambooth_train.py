@@ -170,6 +170,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_folder, tmp_path):
     assert leaves and all(np.isfinite(np.asarray(x)).all() for x in leaves)
 
 
+@pytest.mark.slow  # ~40 s (two trainings); tests/test_output_safety.py covers the folder rules fast
 def test_output_dir_of_another_run_is_refused(tiny_folder, tmp_path):
     config = _config(tiny_folder, tmp_path, **{"train.max_train_steps": 1, "checkpoint.every": 1})
     train(config, progress=False)

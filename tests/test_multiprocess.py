@@ -59,6 +59,7 @@ def _run_two(out: Path, logs: list) -> list[subprocess.Popen]:
     return procs
 
 
+@pytest.mark.slow  # ~40 s; the whole trainer's 2x4 == 1x8 (tests/test_pod.py) covers the step
 def test_two_processes_equal_one(tmp_path):
     out = tmp_path / "result.npz"
     with contextlib.ExitStack() as stack:

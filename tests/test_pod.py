@@ -129,6 +129,7 @@ def test_two_processes_train_as_one(tiny_folder, tmp_path):
     assert any(k.startswith("model.diffusion_model.") for k in single)
 
 
+@pytest.mark.slow  # ~55 s; the one-process NaN stop stays in the default run
 def test_nan_stop_reaches_every_process_at_the_same_step(tiny_folder, tmp_path):
     instance = _subject_images(tmp_path / "dog")
     logs = tmp_path / "logs"
