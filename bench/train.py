@@ -183,6 +183,7 @@ def jax_worker(job: dict) -> dict:
     from sd_jax.dreambooth.config import TrainConfig
     from sd_jax.dreambooth.optim import make_optimizer
     from sd_jax.dreambooth.step import StepModels, init_train_state, make_train_step
+    from sd_jax.memory import compiled_peak_bytes
     from sd_jax.models.unet import UNet2DConditionModel, UNetConfig
     from sd_jax.schedulers import NoiseScheduleConfig, alphas_cumprod
     from sd_jax.sharding import host_local_batch_to_global, make_mesh, replicated
@@ -208,11 +209,8 @@ def jax_worker(job: dict) -> dict:
     start = time.perf_counter()
     compiled = train_step.lower(state, {}, batch).compile()
     compile_s = time.perf_counter() - start
-    mem = compiled.memory_analysis()
-    xla_gib = None
-    if mem is not None:
-        xla_gib = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
-                   - mem.alias_size_in_bytes) / 2**30
+    peak = compiled_peak_bytes(compiled)
+    xla_gib = None if peak is None else peak / 2**30
     losses = []
     holder = {"state": state}
     del state
@@ -243,6 +241,7 @@ def estimate_worker(job: dict) -> dict:
     from sd_jax.dreambooth.config import TrainConfig
     from sd_jax.dreambooth.optim import make_optimizer
     from sd_jax.dreambooth.step import StepModels, abstract_train_state, make_train_step
+    from sd_jax.memory import compiled_peak_bytes
     from sd_jax.models.unet import UNet2DConditionModel, UNetConfig
     from sd_jax.pipeline import param_shapes
     from sd_jax.schedulers import NoiseScheduleConfig, alphas_cumprod
@@ -270,11 +269,10 @@ def estimate_worker(job: dict) -> dict:
     batch = {"latent_mean": spec(h, h, 4), "latent_logvar": spec(h, h, 4), "text_embeddings": spec(77, 768),
              "prior_mask": spec(), "valid": spec()}
     start = time.perf_counter()
-    mem = make_train_step(models, cfg, optimizer, mesh, state, {}).lower(state, {}, batch).compile().memory_analysis()
-    g = 2**30
+    compiled = make_train_step(models, cfg, optimizer, mesh, state, {}).lower(state, {}, batch).compile()
+    mem, g = compiled.memory_analysis(), 2**30
     return {"compile_s": time.perf_counter() - start, "args": mem.argument_size_in_bytes / g,
-            "temp": mem.temp_size_in_bytes / g, "total": (mem.argument_size_in_bytes + mem.output_size_in_bytes
-                                                          + mem.temp_size_in_bytes - mem.alias_size_in_bytes) / g}
+            "temp": mem.temp_size_in_bytes / g, "total": compiled_peak_bytes(compiled) / g}
 
 
 def run_estimates(args) -> None:

@@ -66,6 +66,20 @@ def sampling_bytes_per_image(unet_channels: int, vae_channels: int, latent_facto
     return max(unet, vae)
 
 
+def compiled_peak_bytes(compiled: Any) -> int | None:
+    """XLA's own per-device estimate for one call of a compiled function: its arguments, outputs
+    and temporaries, less the outputs that reuse (donated) argument buffers. None when the
+    backend does not report it."""
+    try:
+        mem = compiled.memory_analysis()
+    except (NotImplementedError, RuntimeError):
+        return None
+    if mem is None:
+        return None
+    return int(mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+               - mem.alias_size_in_bytes)
+
+
 def _gib(n: float) -> str:
     return f"{n / 2**30:.1f} GiB"
 

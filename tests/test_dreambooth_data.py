@@ -108,9 +108,7 @@ def test_concept_validation(tmp_path):
         Concept(d, "a photo of sks dog", "a photo of dog", str(tmp_path / "cls"), num_class_images=0)
     with pytest.raises(ValueError, match="instance_prompt"):
         Concept(d, "")
-    with pytest.raises(ValueError, match="unknown concept key.*'prompt'"):
-        Concept.from_dict({"instance_dir": str(d), "prompt": "x"})
-    c = Concept.from_dict({"instance_dir": d, "instance_prompt": "p"})
+    c = Concept(d, "p")
     assert isinstance(c.instance_dir, str) and not c.with_prior
     # too few class images for the dataset: a clear pointer to ensure_class_images
     c = Concept(d, "a photo of sks dog", "a photo of dog", str(_folder(tmp_path / "cls", 2)), num_class_images=3)

@@ -335,7 +335,8 @@ def test_finished_run_is_complete_then_extends(recipe_run, tiny_folder, tmp_path
     assert main(_recipe_argv(tiny_folder, instance, out, steps=5) + ["--resume-step", "2"]) == 0
     said = capsys.readouterr().out
     assert "dreambooth: 3 instance images, 0 class images; steps 3-5 of 5; lr 0.001" in said
-    assert "compiling the train step" in said and "checkpoint step 5 saving" in said and "run summary" in said
+    assert "compiling the train step" in said and "XLA's memory estimate" in said
+    assert "checkpoint step 5 saving" in said and "run summary" in said
     steps = sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())
     assert steps == [4, 5]                      # step 4 written again by the resumed run (keep=2)
     assert [p.name.split("-")[0] for p in (out / "checkpoints" / ".set_aside").iterdir()] == ["4"]

@@ -32,7 +32,7 @@ import functools
 import logging
 import re
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,7 @@ from PIL import Image
 
 from sd_jax.dreambooth import config as config_schema
 from sd_jax.images import open_image, save_png, to_rgb
+from sd_jax.limits import MAX_SEED
 from sd_jax.outputs import image_metadata
 from sd_jax.request import DEFAULT_GUIDANCE, DEFAULT_STEPS
 
@@ -51,7 +52,6 @@ RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "lanczos": Ima
 CROPS = ("center", "random")
 GENERATED_NAME = re.compile(r"^class-(\d+)-(\d+)\.png$")  # class-{index:05d}-{seed}.png
 TFDS_NAME = re.compile(r"^tfds-(\d+)\.png$")  # tfds-{index:05d}.png
-_MAX_SEED = 2**32 - 1  # sd_jax.sampling.MAX_SEED (not imported: it would import JAX)
 
 
 # ----------------------------------------------------------------------------- concepts
@@ -95,15 +95,6 @@ class Concept(config_schema.Concept):
     def with_prior(self) -> bool:
         """Whether this concept uses prior preservation (has a class prompt)."""
         return self.class_prompt is not None
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> Concept:
-        """From a recipe's mapping; unknown keys are an error that lists the valid ones."""
-        fields = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(d) - set(fields))
-        if unknown:
-            raise ValueError(f"unknown concept key(s) {unknown}; valid keys are {fields}")
-        return cls(**d)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -259,7 +250,7 @@ def ensure_class_images(pipe: Any, concept: Concept, *, resolution: int, batch_s
         raise ValueError(f"class_dir {str(folder)!r} needs {missing} more class image(s) but no pipeline was given")
     indices = [int(m.group(1)) for p in folder.iterdir() if (m := GENERATED_NAME.match(p.name))]
     start = max(len(existing), max(indices, default=-1) + 1)
-    if seed + start + missing - 1 > _MAX_SEED:
+    if seed + start + missing - 1 > MAX_SEED:
         raise ValueError(f"seed {seed} + class image index {start + missing - 1} exceeds the 32-bit seed range")
     log.info("generating %d class image(s) for %r in %s (%d there)", missing, concept.class_prompt, folder,
              len(existing))

@@ -419,7 +419,7 @@ def _shardings_of(tree: Any) -> Any:
     return jax.tree.map(lambda x: x.sharding, tree)
 
 
-def make_train_step(models: StepModels, config: TrainConfig, optimizer: optax.GradientTransformation,
+def make_train_step(models: StepModels, config: TrainConfig, optimizer: SkipsNonFinite,
                     mesh: Mesh, state: TrainState, frozen: Any) -> Callable[..., tuple[TrainState, dict]]:
     """The jitted ``train_step(state, frozen, batch) -> (state, metrics)``.
 
@@ -429,6 +429,9 @@ def make_train_step(models: StepModels, config: TrainConfig, optimizer: optax.Gr
     ``instance_loss``, ``prior_loss``, ``grad_norm`` (before clipping), ``lr`` (UNet),
     ``lr_text_encoder`` (when it trains), ``finite`` (1.0, or 0.0 for a NaN/inf loss or gradient).
     """
+    if not isinstance(optimizer, SkipsNonFinite):
+        raise TypeError(f"optimizer must come from sd_jax.dreambooth.optim.make_optimizer (it skips "
+                        f"non-finite updates in place), got {type(optimizer).__name__}")
     accum = config.optim.grad_accum_steps
     if ("text_encoder" in state.params) != config.train.train_text_encoder:
         raise ValueError(f"the state trains {sorted(state.params)} but train.train_text_encoder="
@@ -470,20 +473,11 @@ def make_train_step(models: StepModels, config: TrainConfig, optimizer: optax.Gr
             parts = jax.tree.map(lambda v: v / accum, parts)
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        if isinstance(optimizer, SkipsNonFinite):  # skips in place: no select over the state
-            updates, opt_state = optimizer.update(grads, state.opt_state, state.params, finite=finite)
-            params = optax.apply_updates(state.params, updates)
-            applied = finite if skip else jnp.bool_(True)
-            ema = (ema_update(state.ema, params, jnp.where(applied, ema_decay, 1.0))
-                   if ema_decay is not None else state.ema)
-        else:  # any other optax transformation: select the old state when non-finite
-            updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-            params = optax.apply_updates(state.params, updates)
-            ema = ema_update(state.ema, params, ema_decay) if ema_decay is not None else state.ema
-            if skip:
-                keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-                params, opt_state, ema = keep(params, state.params), keep(opt_state, state.opt_state), \
-                    keep(ema, state.ema)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params, finite=finite)
+        params = optax.apply_updates(state.params, updates)
+        applied = finite if skip else jnp.bool_(True)
+        ema = (ema_update(state.ema, params, jnp.where(applied, ema_decay, 1.0))
+               if ema_decay is not None else state.ema)
         metrics = {"loss": loss, **parts, "grad_norm": grad_norm, "lr": schedules["unet"](state.step),
                    "finite": finite.astype(jnp.float32)}
         if "text_encoder" in schedules:

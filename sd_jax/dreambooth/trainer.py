@@ -37,6 +37,7 @@ from sd_jax.dreambooth.run_dir import RunDir, StopOnInterrupt, TrainingDiverged,
 from sd_jax.dreambooth.optim import make_optimizer
 from sd_jax.dreambooth.step import (BatchLayout, StepModels, abstract_train_state, init_train_state,
                                     make_train_step, place_frozen, process_rows, split_params)
+from sd_jax.memory import compiled_peak_bytes
 
 log = logging.getLogger("sd_jax.dreambooth")
 
@@ -340,14 +341,22 @@ def _train(config: TrainConfig, run: RunDir, *, pipe: Any, resume: bool | None, 
     last_loss = math.nan
     say = bar.write if jax.process_index() == 0 else (lambda message: None)
     say(_header(config, dataset, mesh, start, total, images_per_update))
+    next_batch = lambda: shd.host_local_batch_to_global(builder.update_batch(position, mesh), mesh,
+                                                        accum=config.optim.grad_accum_steps > 1)
+    first_batch = None
     if start < total:
-        say("compiling the train step (the first step includes it; later steps reuse it)")
+        say("compiling the train step")
+        first_batch = next_batch()
+        t0 = time.perf_counter()
+        train_step = train_step.lower(state, frozen, first_batch).compile()  # one compile, reused by every step
+        peak = compiled_peak_bytes(train_step)
+        say(f"compiled in {time.perf_counter() - t0:.1f} s; XLA's memory estimate: "
+            + (f"{peak / 2**30:.2f} GiB per device" if peak is not None else "not reported by this backend"))
     stop = StopOnInterrupt().install()
     try:
         for step in range(start, total):
             t0 = time.perf_counter()
-            batch = shd.host_local_batch_to_global(builder.update_batch(position, mesh), mesh,
-                                                   accum=config.optim.grad_accum_steps > 1)
+            batch, first_batch = (first_batch if first_batch is not None else next_batch()), None
             state, metrics = train_step(state, frozen, batch)
             metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
             position += config.optim.grad_accum_steps
@@ -363,7 +372,7 @@ def _train(config: TrainConfig, run: RunDir, *, pipe: Any, resume: bool | None, 
                     "train.mixed_precision=float32")
             seconds = time.perf_counter() - t0
             if step == start:
-                say(f"step {step + 1} done in {seconds:.1f} s (compile included)")
+                say(f"step {step + 1} done in {seconds:.1f} s")
             summary.tick(1, last_loss)
             done = step + 1
             if done % config.logging.log_every == 0 or done == total:
