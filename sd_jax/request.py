@@ -48,10 +48,29 @@ PROMPT_SYNTAXES = ("plain",)  # issue 13 adds "a1111"
 
 
 def scheduler_names() -> tuple[str, ...]:
-    """The solvers a request may name (defined once, in sd_jax.schedulers)."""
+    """The solvers a request may name (defined once, in sd_jax.schedulers); AUTOMATIC1111's sampler
+    names (:func:`a1111_sampler_names`) are accepted too and mean the same solvers."""
     from sd_jax.schedulers import SCHEDULER_NAMES
 
     return SCHEDULER_NAMES
+
+
+def a1111_sampler_names() -> tuple[str, ...]:
+    """AUTOMATIC1111's names for the solvers sd_jax has ("Euler a", "DPM++ 2M Karras", ...)."""
+    from sd_jax.schedulers import A1111_SAMPLER_NAMES
+
+    return tuple(A1111_SAMPLER_NAMES)
+
+
+def canonical_scheduler(name: str) -> str:
+    """sd_jax's solver name for one of its names or an A1111 sampler name; a RequestError otherwise."""
+    from sd_jax.schedulers import canonical_scheduler_name
+
+    found = canonical_scheduler_name(name) if isinstance(name, str) else None
+    if found is None:
+        raise RequestError(f"unknown scheduler {short(name)}; valid names: ", ", ".join(scheduler_names()),
+                           " (or AUTOMATIC1111's: ", ", ".join(a1111_sampler_names()), ")")
+    return found
 
 
 class RequestError(ValueError):
@@ -148,9 +167,8 @@ class GenerationRequest:
             if not _is_number(g) or not math.isfinite(g) or g < 0:
                 raise RequestError(("guidance_scale", short(g)), " must be a finite number >= 0")
         set_("guidance_scales", tuple(float(g) for g in self.guidance_scales))
-        if self.scheduler is not None and self.scheduler not in scheduler_names():
-            raise RequestError(f"unknown scheduler {short(self.scheduler)}; valid names: ",
-                               ", ".join(scheduler_names()))
+        if self.scheduler is not None:
+            set_("scheduler", canonical_scheduler(self.scheduler))
         _check_int("num_inference_steps", self.steps, 1, MAX_STEPS)
         for name in ("height", "width"):
             value = getattr(self, name)

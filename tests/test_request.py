@@ -200,3 +200,15 @@ def test_a_run_of_a_billion_images_is_streamed_not_listed():
     assert cfg.total == 2 * 10**9 and 0 <= cfg.seed <= 2**32 - 1 - cfg.total + 1
     assert first.seeds == tuple(range(cfg.seed, cfg.seed + 8)) and second.seeds[0] == cfg.seed + 8
     assert first.prompts == ("a",) * 8
+
+
+@pytest.mark.parametrize("name, ours", [("Euler a", "euler_a"), ("euler  A", "euler_a"), ("PLMS", "pndm"),
+                                        ("DPM++ 2M Karras", "dpm++2m-karras"), ("DPM++ 2M", "dpm++2m"),
+                                        ("DDIM", "ddim"), ("LMS", "lms"), ("Euler", "euler"), ("lms", "lms")])
+def test_a1111_sampler_names_mean_our_solvers(name, ours):
+    assert GenerationRequest.build("a cat", scheduler=name).scheduler == ours
+
+
+def test_unknown_sampler_lists_both_vocabularies():
+    with pytest.raises(RequestError, match=r"unknown scheduler 'DPM\+\+ SDE'.*euler_a.*AUTOMATIC1111's: Euler a"):
+        GenerationRequest.build("a cat", scheduler="DPM++ SDE")

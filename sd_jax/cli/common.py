@@ -50,6 +50,18 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {one_line(message)} (see --help)\n")
 
 
+def argument_type(convert: Callable[[str], Any]) -> Callable[[str], Any]:
+    """An argparse ``type=`` from a converter whose ValueError message is the error to print."""
+    def parse(text: str) -> Any:
+        try:
+            return convert(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    parse.__name__ = convert.__name__
+    return parse
+
+
 def run_main(prog: str, body: Callable[[], Any], *, passthrough: tuple[type[BaseException], ...] = ()) -> int:
     """Call ``body()`` and turn what it raises into an exit status.
 

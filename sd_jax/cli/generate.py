@@ -84,7 +84,7 @@ def build_parser() -> common.ArgumentParser:
     """The generate.py command line."""
     from sd_jax.generation import DEFAULT_MAX_BATCH, DEFAULT_MODEL, DTYPES
     from sd_jax.request import DEFAULT_GUIDANCE, DEFAULT_SIZE, DEFAULT_STEPS, IMG2IMG_STRENGTH, INPAINT_STRENGTH
-    from sd_jax.request import scheduler_names
+    from sd_jax.request import a1111_sampler_names, canonical_scheduler, scheduler_names
 
     names = scheduler_names()
     p = common.ArgumentParser(
@@ -106,8 +106,9 @@ def build_parser() -> common.ArgumentParser:
                      help="prompts, one per line (blank lines and lines starting with # are skipped)")
     p.add_argument("--negative-prompt", default="", metavar="TEXT", help="negative prompt for every image")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"denoising steps (default {DEFAULT_STEPS})")
-    p.add_argument("--scheduler", choices=names, metavar="NAME",
-                   help=f"one of {', '.join(names)} (default: the model folder's own)")
+    p.add_argument("--scheduler", "--sampler", type=common.argument_type(canonical_scheduler), metavar="NAME",
+                   help=f"one of {', '.join(names)}, or AUTOMATIC1111's name ({', '.join(a1111_sampler_names())}) "
+                        "(default: the model folder's own)")
     p.add_argument("--guidance-scale", type=float, default=DEFAULT_GUIDANCE,
                    help=f"classifier-free guidance (default {DEFAULT_GUIDANCE})")
     p.add_argument("--height", type=int, help=f"pixels, a multiple of 8 (default {DEFAULT_SIZE}, or the "

@@ -100,7 +100,24 @@ _SCHEDULERS = {
     "ddpm": _module_scheduler("ddpm", ddpm, True, "DDPMScheduler"),
 }
 SCHEDULER_NAMES = tuple(_SCHEDULERS)
+# AUTOMATIC1111's sampler names (its "sampler_name"; "Karras" may also come as its separate scheduler field).
+A1111_SAMPLER_NAMES = {
+    "Euler a": "euler_a", "Euler": "euler", "LMS": "lms", "DDIM": "ddim", "PLMS": "pndm", "DDPM": "ddpm",
+    "DPM++ 2M": "dpm++2m", "DPM++ 2M Karras": "dpm++2m-karras",
+}
 DIFFUSERS_CLASS_NAMES = {name: s.diffusers_class for name, s in _SCHEDULERS.items()}
+
+
+def canonical_scheduler_name(name: str) -> str | None:
+    """sd_jax's name for a solver named in sd_jax's or AUTOMATIC1111's words ("Euler a", "DPM++ 2M
+    Karras", ...; case and spacing of A1111 names are not significant); None when neither knows it."""
+    if name in _SCHEDULERS:
+        return name
+    folded = " ".join(str(name).split()).casefold()
+    for a1111, ours in A1111_SAMPLER_NAMES.items():
+        if a1111.casefold() == folded:
+            return ours
+    return None
 
 
 def get_scheduler(name: str) -> Scheduler:
