@@ -321,7 +321,12 @@ def run(config: GenerateConfig, pipe: Any = None) -> RunResult:
     finally:
         bar.close()
     elapsed = time.perf_counter() - t_gen
-    grid = writer.write_grid() if cfg.grid else None
+    grid = None
+    if cfg.grid:  # several processes: process 0 draws every process's images (a collective)
+        kept = multihost.gather_images(writer.kept)
+        if kept is not None:
+            writer.kept = kept
+            grid = writer.write_grid()
 
     timing = {"elapsed_s": elapsed, "compile_s": bar.compile_s, "first_image_s": first_image_at or 0.0}
     return RunResult(files=written, grid=grid, seed=cfg.seed, flagged=flagged, timing=timing)

@@ -13,7 +13,10 @@ The trainer's split is in :class:`sd_jax.dreambooth.step.BatchLayout`.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+import io
+import json
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 
@@ -42,9 +45,6 @@ def share_requests(cfg: Any, first_number: int, init: Any = None, mask: Any = No
     import jax
 
     count, index = jax.process_count(), jax.process_index()
-    if count > 1 and cfg.grid:
-        raise ValueError(f"--grid across {count} processes is not supported (each process holds only its own "
-                         "images); run without --grid, or with one process")
     base = agree(first_number)
     per = -(-cfg.batch // count)
     for start in range(0, cfg.total, cfg.batch):
@@ -56,3 +56,46 @@ def share_requests(cfg: Any, first_number: int, init: Any = None, mask: Any = No
         hi = min(lo + per, stop)
         if lo < hi:
             yield base + lo, dataclasses.replace(cfg.request(lo, hi, init, mask), batch_size=per)
+
+
+def gather_bytes(payload: bytes) -> list[bytes]:
+    """Every process's ``payload``, in process order, on every process (a collective: every process
+    calls it). Goes through JAX's own channel, so hosts need no shared file system."""
+    import jax
+
+    if jax.process_count() == 1:
+        return [payload]
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    sizes = np.asarray(multihost_utils.process_allgather(np.int64(len(payload)))).reshape(-1)
+    buffer = np.zeros(int(sizes.max()) or 1, np.uint8)
+    buffer[:len(payload)] = np.frombuffer(payload, np.uint8)
+    rows = np.asarray(multihost_utils.process_allgather(buffer)).reshape(len(sizes), -1)
+    return [row[:size].tobytes() for row, size in zip(rows, sizes)]
+
+
+def gather_images(kept: Sequence[tuple[Any, dict[str, Any], Path]]) -> list[tuple[Any, dict[str, Any], Path]] | None:
+    """The (image, metadata, path) triples every process wrote, in file-number order, on process 0
+    (None on the others): a grid of a several-process run holds every image, as one process's would."""
+    import jax
+
+    if jax.process_count() == 1:
+        return list(kept)
+    import numpy as np
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    header = json.dumps([[meta, str(path)] for _, meta, path in kept], default=str).encode()
+    pixels = np.stack([np.asarray(image, np.uint8) for image, _, _ in kept]) if kept else np.zeros((0,), np.uint8)
+    np.savez(buffer, header=np.frombuffer(header, np.uint8), pixels=pixels)
+    parts = gather_bytes(buffer.getvalue())
+    if jax.process_index() != 0:
+        return None
+    items = []
+    for part in parts:
+        with np.load(io.BytesIO(part), allow_pickle=False) as data:
+            entries = json.loads(data["header"].tobytes())
+            items += [(Image.fromarray(pixels), meta, Path(path))
+                      for pixels, (meta, path) in zip(data["pixels"], entries)]
+    return sorted(items, key=lambda item: int(item[2].name.split("-", 1)[0]))  # NNNNN-SEED.png

@@ -146,12 +146,13 @@ def test_nan_stop_reaches_every_process_at_the_same_step(tiny_folder, tmp_path):
 
 
 def test_two_processes_sample_as_one(tiny_folder, tmp_path):
-    """generate.py --from-file on 2 processes x 2 devices: each image written once, with the names, seeds,
-    pixels and metadata of a 1 x 4 run (batch_size in the metadata is the per-process batch)."""
+    """generate.py --from-file --grid on 2 processes x 2 devices: each image written once, with the names,
+    seeds, pixels and metadata of a 1 x 4 run (batch_size in the metadata is the per-process batch), and one
+    grid of all five images, drawn by process 0 from both processes' images."""
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red dog\na blue cat\n# a comment\na green bird\na tree\na house\n")
     args = ["generate.py", "--model", str(tiny_folder), "--from-file", str(prompts), "--steps", "2", "--height",
-            "32", "--width", "32", "--batch-size", "3", "--seed", "7", "--no-safety-checker", "--no-progress"]
+            "32", "--width", "32", "--batch-size", "3", "--seed", "7", "--no-safety-checker", "--no-progress", "--grid"]
     outs = {}
     for name, processes, devices in (("pod", 2, 2), ("one", 1, 4)):
         outs[name], logs = tmp_path / name, tmp_path / f"{name}-logs"
@@ -160,7 +161,8 @@ def test_two_processes_sample_as_one(tiny_folder, tmp_path):
         res = launch(processes, devices, args + ["--outdir", str(outs[name])], logs)
         assert res.returncode == 0, _report(res, logs)
     names = sorted(p.name for p in outs["one"].iterdir())
-    assert names == ["00004-1.png", "00005-7.png", "00006-8.png", "00007-9.png", "00008-10.png", "00009-11.png"]
+    assert names == ["00004-1.png", "00005-7.png", "00006-8.png", "00007-9.png", "00008-10.png", "00009-11.png",
+                     "grid-00000.png"]
     assert sorted(p.name for p in outs["pod"].iterdir()) == names
     for name in names[1:]:
         with Image.open(outs["pod"] / name) as a, Image.open(outs["one"] / name) as b:
