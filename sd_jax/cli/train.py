@@ -5,7 +5,9 @@ the flags below and generic ``--set key=value`` overrides (dotted keys of the
 config, e.g. ``--set optim.lr_schedule=cosine``) change it. The single-concept
 flags (``--instance-dir``, ``--instance-prompt``, ``--class-prompt``,
 ``--class-dir``, ``--num-class-images``) build ``concepts[0]``; several
-concepts come from the recipe's ``concepts:`` list.
+concepts come from the recipe's ``concepts:`` list. ``--lora`` (or ``--lora-rank`` /
+``--lora-alpha``, or ``--config configs/dreambooth/lora.yaml``) trains LoRA adapters instead of the
+whole model.
 """
 
 from __future__ import annotations
@@ -30,7 +32,9 @@ FLAG_KEYS = {
     "sample_every": "logging.sample_every", "mixed_precision": "train.mixed_precision",
     "grad_accum_steps": "optim.grad_accum_steps", "lr_schedule": "optim.lr_schedule",
     "skip_bad_images": "data.skip_bad_images", "save_single_file": "checkpoint.save_single_file",
+    "lora": "lora.enabled", "lora_rank": "lora.rank", "lora_alpha": "lora.alpha", "merge": "checkpoint.merge_lora",
 }
+SHOWN_DEFAULTS = {"lora_alpha": "the rank"}  # flags whose built-in default is not a plain value
 CONCEPT_FLAGS = ("instance_dir", "instance_prompt", "class_prompt", "class_dir", "num_class_images")
 
 
@@ -67,6 +71,16 @@ def build_parser() -> common.ArgumentParser:
     p.add_argument("--save-single-file", action="store_true", default=None,
                    help="also write OUTPUT_DIR/model.safetensors (CompVis layout, float16: AUTOMATIC1111, "
                         "ComfyUI)")
+    p.add_argument("--lora", action="store_true", default=None,
+                   help="train LoRA adapters (a few MB) on the frozen model instead of the whole UNet (with "
+                        "--train-text-encoder: adapters on the text encoder too); final/ gets them as "
+                        "pytorch_lora_weights.safetensors (diffusers) and kohya_lora.safetensors (AUTOMATIC1111, "
+                        "ComfyUI)")
+    p.add_argument("--lora-rank", type=int, metavar="R", help="rank of the LoRA adapters (implies --lora)")
+    p.add_argument("--lora-alpha", type=float, metavar="A",
+                   help="LoRA alpha: the adapters are scaled by alpha / rank (implies --lora)")
+    p.add_argument("--merge", action="store_true", default=None,
+                   help="with --lora: final/ also holds the full model with the LoRA merged in (a diffusers folder)")
     p.add_argument("--seed", type=int, help="seed of the data order, noise and class images")
     p.add_argument("--resume", action="store_true", help="require resuming from OUTPUT_DIR's checkpoints "
                                                          "(resuming is automatic when they exist)")
@@ -98,7 +112,9 @@ def _show_defaults(p: common.ArgumentParser) -> None:
     values = load_config(None, require_runnable=False).to_dict()
     concept = {f.name: f.default for f in dataclasses.fields(Concept) if f.default is not dataclasses.MISSING}
     for action in p._actions:
-        if action.dest in FLAG_KEYS and action.dest != "model":
+        if action.dest in SHOWN_DEFAULTS:
+            value = SHOWN_DEFAULTS[action.dest]
+        elif action.dest in FLAG_KEYS and action.dest != "model":
             value: Any = values
             for part in FLAG_KEYS[action.dest].split("."):
                 value = value.get(part) if isinstance(value, dict) else None
@@ -122,6 +138,8 @@ def config_from_args(args: Any) -> Any:
                              f"{len(base['concepts'])}; edit the recipe or use --set concepts.N.key=value")
         base["concepts"] = [dict((base.get("concepts") or [{}])[0]) | concept]
     flags = {key: getattr(args, dest) for dest, key in FLAG_KEYS.items() if getattr(args, dest) is not None}
+    if args.lora_rank is not None or args.lora_alpha is not None:
+        flags.setdefault("lora.enabled", True)
     base = apply_overrides(apply_overrides(base, flags, what="flag"), args.set, what="--set")
     if not (base.get("model") or {}).get("path"):
         base = apply_overrides(base, {"model.path": _default_model()}, what="flag")

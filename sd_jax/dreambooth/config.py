@@ -6,7 +6,7 @@
     recipe = apply_overrides(recipe, ["optim.learning_rate=1e-6", "train.remat=true"], what="--set")
 
 Sections (YAML keys): ``model``, ``output_dir``, ``seed``, ``concepts`` (list),
-``data``, ``class_images``, ``train``, ``optim``, ``mesh``, ``checkpoint``,
+``data``, ``class_images``, ``train``, ``lora``, ``optim``, ``mesh``, ``checkpoint``,
 ``logging``. Every value is checked in ``__post_init__``; an error names the
 field (``optim.lr_schedule='cosin'``) and what is valid. Unknown keys are errors.
 Recipes and ``--set`` values are read within :mod:`sd_jax.limits` (size, nesting,
@@ -36,6 +36,11 @@ from sd_jax.models.attention import IMPLEMENTATIONS as ATTENTION
 
 LR_SCHEDULES = ("constant", "warmup", "cosine", "linear")
 MIXED_PRECISION = ("float32", "bfloat16")
+# LoRA target groups (the layers of each: sd_jax.dreambooth.lora.UNET_TARGETS / TEXT_ENCODER_TARGETS)
+LORA_UNET_TARGETS = ("attention", "proj", "ff", "conv")
+LORA_TEXT_ENCODER_TARGETS = ("attention", "mlp")
+MAX_LORA_RANK = 1024
+MAX_LORA_ALPHA = 65536.0
 
 
 class ConfigError(ValueError):
@@ -190,6 +195,56 @@ class TrainingConfig:
         _check_bool("train.skip_nonfinite_updates", self.skip_nonfinite_updates)
 
 
+def _check_targets(name: str, value: Any, choices: Sequence[str]) -> None:
+    if not isinstance(value, tuple) or not value or not all(isinstance(v, str) for v in value):
+        _fail(name, value, f"expected a non-empty list of {', '.join(choices)}")
+    for v in value:
+        _check_choice(name, v, choices)
+    if len(set(value)) != len(value):
+        _fail(name, value, "each target group at most once")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """LoRA Dreambooth (Hu et al. 2021): low-rank adapters train, the starting model stays frozen.
+
+    Each targeted weight W becomes W + (alpha / rank) * down @ up; only down and up train (float32,
+    with their AdamW state). UNet ``targets``: ``attention`` (to_q, to_k, to_v, to_out.0 of every
+    attention), ``proj`` (the transformer blocks' proj_in, proj_out), ``ff`` (their feed-forward
+    layers), ``conv`` (the ResNet blocks' and down/up-samplers' convolutions: LoCon). The text
+    encoder's ``text_encoder_targets`` (``attention``: q/k/v/out_proj, ``mlp``: fc1, fc2) train with
+    ``train.train_text_encoder``. ``base_dtype``: how the frozen weights are stored during training.
+    """
+
+    enabled: bool = False
+    rank: int = 4
+    alpha: float | None = None          # null: rank (scale 1)
+    targets: tuple[str, ...] = ("attention",)
+    text_encoder_targets: tuple[str, ...] = ("attention", "mlp")
+    base_dtype: str = "float32"         # "bfloat16": the frozen weights in half the memory
+
+    def __post_init__(self):
+        for name in ("targets", "text_encoder_targets"):
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
+        _check_bool("lora.enabled", self.enabled)
+        _check_int("lora.rank", self.rank, 1, MAX_LORA_RANK)
+        _check_float("lora.alpha", self.alpha, 0.0, MAX_LORA_ALPHA, low_open=True, allow_none=True)
+        if self.alpha is not None:
+            object.__setattr__(self, "alpha", float(self.alpha))
+        _check_targets("lora.targets", self.targets, LORA_UNET_TARGETS)
+        _check_targets("lora.text_encoder_targets", self.text_encoder_targets, LORA_TEXT_ENCODER_TARGETS)
+        _check_choice("lora.base_dtype", self.base_dtype, MIXED_PRECISION)
+        if self.base_dtype != "float32" and not self.enabled:
+            _fail("lora.base_dtype", self.base_dtype, "a frozen base exists only with lora.enabled=true "
+                  "(a full fine-tune keeps float32 master weights)")
+
+    @property
+    def scale(self) -> float:
+        """alpha / rank: the factor of down @ up (kohya's and PEFT's convention)."""
+        return (self.alpha if self.alpha is not None else self.rank) / self.rank
+
+
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
     """AdamW, its learning-rate schedule, clipping, accumulation and the weights' EMA."""
@@ -249,11 +304,13 @@ class CheckpointConfig:
     every: int = 500                  # optimizer updates between checkpoints
     keep: int = 3
     save_single_file: bool = False    # also write a CompVis-layout .safetensors
+    merge_lora: bool = False          # LoRA runs: final/ also holds the full model with the LoRA merged in
 
     def __post_init__(self):
         _check_int("checkpoint.every", self.every, 1, limits.MAX_TRAIN_STEPS)
         _check_int("checkpoint.keep", self.keep, 1, limits.MAX_CHECKPOINTS_KEPT)
         _check_bool("checkpoint.save_single_file", self.save_single_file)
+        _check_bool("checkpoint.merge_lora", self.merge_lora)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -293,6 +350,7 @@ class TrainConfig:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     class_images: ClassImageConfig = dataclasses.field(default_factory=ClassImageConfig)
     train: TrainingConfig = dataclasses.field(default_factory=TrainingConfig)
+    lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
@@ -321,6 +379,9 @@ class TrainConfig:
         if t.text_encoder_steps is not None and t.text_encoder_steps > t.max_train_steps:
             _fail("train.text_encoder_steps", t.text_encoder_steps,
                   f"must be <= train.max_train_steps={t.max_train_steps} (null trains it throughout)")
+        if self.checkpoint.merge_lora and not self.lora.enabled:
+            _fail("checkpoint.merge_lora", True, "only meaningful with lora.enabled=true (a full fine-tune always "
+                  "writes the whole model)")
 
     # -- derived -------------------------------------------------------------------------------
     @property
@@ -366,7 +427,7 @@ class TrainConfig:
 
 
 _SECTIONS = {"model": ModelConfig, "data": DataConfig, "class_images": ClassImageConfig,
-             "train": TrainingConfig, "optim": OptimConfig, "mesh": MeshConfig,
+             "train": TrainingConfig, "lora": LoraConfig, "optim": OptimConfig, "mesh": MeshConfig,
              "checkpoint": CheckpointConfig, "logging": LoggingConfig}
 
 

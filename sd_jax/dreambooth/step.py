@@ -4,6 +4,7 @@ Use::
 
     models = StepModels.from_pipeline(pipe, config)          # modules in the compute dtype
     trainable, frozen = split_params(pipe.params, config)    # {"unet", ["text_encoder"]}, {["vae"], ["text_encoder"]}
+                                                             # (LoRA: adapters, and the frozen "unet" too)
     optimizer = make_optimizer(config, trainable)
     mesh = make_mesh(config.mesh.data, config.mesh.fsdp)
     state = init_train_state(trainable, optimizer, mesh, config)  # or restore into abstract_train_state(...)
@@ -42,6 +43,11 @@ Mixed precision ("bfloat16"): the float32 master weights are cast to bfloat16 fo
 forward and backward passes; gradients, the loss, AdamW state and the update stay
 float32.
 
+LoRA (``lora.enabled``, :mod:`sd_jax.dreambooth.lora`): the trainable tree holds the adapters
+(float32, with their AdamW state and EMA), ``frozen`` the starting UNet (and text encoder), in
+``lora.base_dtype``; the loss merges them, ``W + (alpha / rank) * down @ up``, then casts to the
+compute dtype, so the modules are the same.
+
 Non-finite loss or gradients: ``metrics["finite"]`` is 0.0. With
 ``train.skip_nonfinite_updates`` (default) that update is not applied (weights,
 optimizer state and EMA unchanged; the step counter still advances, so the next
@@ -64,6 +70,7 @@ import optax
 from jax.sharding import Mesh
 
 from sd_jax import sharding as shd
+from sd_jax.dreambooth import lora
 from sd_jax.dreambooth.config import TrainConfig
 from sd_jax.dreambooth.loss import dreambooth_loss, min_snr_weights, noise_with_offset
 from sd_jax.dreambooth.optim import SkipsNonFinite, ema_update
@@ -131,7 +138,10 @@ def split_params(params: dict[str, Any], config: TrainConfig) -> tuple[dict[str,
 
     trainable: ``unet`` (+ ``text_encoder`` when it trains). frozen: ``vae`` unless
     latents are cached, ``text_encoder`` when it neither trains nor is cached.
+    With LoRA: :func:`sd_jax.dreambooth.lora.split_params` (adapters; the bases frozen).
     """
+    if config.lora.enabled:
+        return lora.split_params(params, config)
     trainable = {"unet": params["unet"]}
     frozen = {}
     if config.train.train_text_encoder:
@@ -349,6 +359,12 @@ def make_loss_fn(models: StepModels, config: TrainConfig) -> Callable[..., tuple
     dtype = models.compute_dtype
     ac = jnp.asarray(models.alphas_cumprod)
 
+    def trained(name, trainable, frozen):
+        """A training module's weights in the compute dtype (LoRA: its frozen base with the adapters merged)."""
+        if config.lora.enabled:
+            return _cast_floats(lora.merge(frozen[name], trainable[name], config.lora.scale), dtype)
+        return _cast_floats(trainable[name], dtype)
+
     def latents_of(frozen, batch):
         if "latents" in batch:
             return batch["latents"].astype(jnp.float32)
@@ -364,7 +380,7 @@ def make_loss_fn(models: StepModels, config: TrainConfig) -> Callable[..., tuple
         if "text_embeddings" in batch:
             return batch["text_embeddings"]
         if "text_encoder" in trainable:
-            return models.text_encoder.apply({"params": _cast_floats(trainable["text_encoder"], dtype)},
+            return models.text_encoder.apply({"params": trained("text_encoder", trainable, frozen)},
                                              batch["input_ids"])
         emb = models.text_encoder.apply({"params": _cast_floats(frozen["text_encoder"], dtype)}, batch["input_ids"])
         return jax.lax.stop_gradient(emb)  # (B, 77, D)
@@ -376,7 +392,7 @@ def make_loss_fn(models: StepModels, config: TrainConfig) -> Callable[..., tuple
         noisy = add_noise(ac, x0, noise, t)
         target = training_target(models.prediction_type, ac, x0, noise, t)
         context = context_of(trainable, frozen, batch)
-        pred = models.unet.apply({"params": _cast_floats(trainable["unet"], dtype)}, noisy.astype(dtype), t,
+        pred = models.unet.apply({"params": trained("unet", trainable, frozen)}, noisy.astype(dtype), t,
                                  context.astype(dtype))
         weights = (min_snr_weights(ac, t, t_cfg.min_snr_gamma, models.prediction_type)
                    if t_cfg.min_snr_gamma is not None else None)
@@ -436,6 +452,9 @@ def make_train_step(models: StepModels, config: TrainConfig, optimizer: SkipsNon
     if ("text_encoder" in state.params) != config.train.train_text_encoder:
         raise ValueError(f"the state trains {sorted(state.params)} but train.train_text_encoder="
                          f"{config.train.train_text_encoder}")
+    if config.lora.enabled and not set(state.params) <= set(frozen):
+        raise ValueError(f"lora.enabled: the adapters of {sorted(state.params)} need their frozen base weights, "
+                         f"frozen holds {sorted(frozen)} (use split_params)")
     loss_fn = make_loss_fn(models, config)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     schedules = optimizer.schedules

@@ -5,7 +5,9 @@
     result = train(load_config("configs/dreambooth/unet.yaml", {"model": "path", ...}))
 
 Output folder layout: ``checkpoints/`` (Orbax, resumable, checksummed), ``logs/`` (TensorBoard,
-``metrics.jsonl``), ``samples/`` (validation images), ``final/`` (a diffusers folder), ``config.json``,
+``metrics.jsonl``), ``samples/`` (validation images), ``final/`` (a diffusers folder; a LoRA run: the
+adapters as ``pytorch_lora_weights.safetensors`` (PEFT/diffusers) and ``kohya_lora.safetensors``, plus the
+merged diffusers folder with ``checkpoint.merge_lora``), ``config.json``,
 the run marker ``.sd_jax_run.json`` and the lock ``.sd_jax.lock`` (rules: :mod:`sd_jax.dreambooth.run_dir`).
 
 Resume: a run whose output folder already holds checkpoints continues from the
@@ -30,8 +32,9 @@ import numpy as np
 
 from sd_jax import sharding as shd
 from sd_jax.dreambooth import data as dbdata
+from sd_jax.dreambooth import lora
 from sd_jax.dreambooth.checkpoint import Checkpointer, set_aside
-from sd_jax.dreambooth.config import TrainConfig
+from sd_jax.dreambooth.config import ConfigError, TrainConfig
 from sd_jax.dreambooth.metrics import MetricsLogger, Progress, RunSummary
 from sd_jax.dreambooth.run_dir import RunDir, StopOnInterrupt, TrainingDiverged, TrainingInterrupted
 from sd_jax.dreambooth.optim import make_optimizer
@@ -199,6 +202,10 @@ def _check_output_dir(paths: RunPaths, config: TrainConfig, resume: bool | None,
     saved = paths.root / "config.json"
     if steps and saved.is_file():
         before = json.loads(saved.read_text())
+        try:  # sections and keys added since that run was written compare as their defaults
+            before = TrainConfig.from_dict(before).to_dict()
+        except (ConfigError, TypeError):
+            pass
         now = config.to_dict()
         before_train = {k: v for k, v in (before.get("train") or {}).items() if k != "max_train_steps"}
         now_train = {k: v for k, v in now["train"].items() if k != "max_train_steps"}
@@ -326,7 +333,10 @@ def _train(config: TrainConfig, run: RunDir, *, pipe: Any, resume: bool | None, 
         state = init_train_state(trainable, optimizer, mesh, config)
     frozen = place_frozen(frozen, mesh, config)
     # The trainable weights now live in the train state; keep the rest for sampling and export.
-    pipe = dataclasses.replace(pipe, params={k: v for k, v in pipe.params.items() if k not in trainable})
+    if config.lora.enabled:  # the starting weights of the adapted modules: on the host, merged when needed
+        pipe = lora.starting_weights_on_host(pipe, trainable)
+    else:
+        pipe = dataclasses.replace(pipe, params={k: v for k, v in pipe.params.items() if k not in trainable})
     builder.pipe = pipe
     train_step = make_train_step(models, config, optimizer, mesh, state, frozen)
     schedules = optimizer.schedules
@@ -428,13 +438,21 @@ def _header(config: TrainConfig, dataset: Any, mesh: Any, start: int, total: int
             f"{config.optim.grad_accum_steps} ({images_per_update} images per update); {mesh.size} "
             f"{mesh.devices.flat[0].platform} devices (data {parts.get('data', 1)} x fsdp {parts.get('fsdp', 1)}); "
             f"{config.train.mixed_precision}; text encoder {'trained' if config.train.train_text_encoder else 'frozen'}"
-            f"; output {config.output_dir}")
+            + (f"; LoRA rank {config.lora.rank} alpha {config.lora.alpha or config.lora.rank:g} on "
+               f"{', '.join(config.lora.targets)} (base {config.lora.base_dtype})" if config.lora.enabled else "")
+            + f"; output {config.output_dir}")
 
 
 def trained_params(state: Any, config: TrainConfig) -> dict[str, Any]:
-    """The weights to export: the EMA when it is kept, else the raw ones (host arrays)."""
+    """The weights to export: the EMA when it is kept, else the raw ones (host arrays; LoRA: the adapters)."""
     params = state.ema if config.optim.ema_decay is not None and state.ema is not None else state.params
     return _host(params)
+
+
+def model_weights(pipe: Any, trained: dict[str, Any], config: TrainConfig) -> dict[str, Any]:
+    """Trained parameters (host) -> the weights of the modules they belong to: themselves, or with LoRA the
+    starting weights with the adapters merged in."""
+    return lora.merged_params(pipe.params, trained, config) if config.lora.enabled else trained
 
 
 def _log_samples(pipe: Any, state: Any, config: TrainConfig, paths: RunPaths, logger: Any, step: int) -> None:
@@ -442,6 +460,7 @@ def _log_samples(pipe: Any, state: Any, config: TrainConfig, paths: RunPaths, lo
     params = _host(state.params)  # a collective: every process takes part
     if jax.process_index() != 0:  # the samples are process 0's alone; the others go on
         return
+    params = model_weights(pipe, params, config)
     # On this process's first device: a multi-process jit refuses numpy inputs it must shard.
     result = sample_images(pipe, jax.device_put(params, jax.local_devices()[0]), config)
     from sd_jax.images import save_png
@@ -456,16 +475,28 @@ def _log_samples(pipe: Any, state: Any, config: TrainConfig, paths: RunPaths, lo
 def _export(pipe: Any, state: Any, config: TrainConfig, paths: RunPaths,
             run: RunDir) -> tuple[Path | None, Path | None]:
     """The fine-tuned model as a diffusers folder (and optionally a CompVis single file), each written to a
-    temporary name and renamed into place, replacing only what this run wrote before."""
-    from sd_jax.convert.export import save_pretrained, save_single_file
+    temporary name and renamed into place, replacing only what this run wrote before. A LoRA run writes
+    its adapters into final/ (both formats), with the merged model's folder only when asked."""
+    from sd_jax.convert.export import atomic_folder, save_pretrained, save_single_file
 
     params = trained_params(state, config)
     if jax.process_index() != 0:
         return None, None
-    final = dataclasses.replace(pipe, params={**pipe.params, **params})
+    step, full_folder = int(state.step), not config.lora.enabled or config.checkpoint.merge_lora
+    final = None
+    if full_folder or config.checkpoint.save_single_file:
+        final = dataclasses.replace(pipe, params={**pipe.params, **model_weights(pipe, params, config)})
     single = None
-    with run.replacing_final(int(state.step), config.checkpoint.save_single_file):
-        folder = save_pretrained(final, paths.final, overwrite=True)
+    with run.replacing_final(step, config.checkpoint.save_single_file):
+        if full_folder:
+            folder = save_pretrained(final, paths.final, overwrite=True)
+        if config.lora.enabled:
+            if full_folder:  # beside the merged model
+                lora.save_adapters(params, paths.final, config, step)
+            else:
+                with atomic_folder(paths.final, overwrite=True) as tmp:  # final/ holds the adapters alone
+                    lora.save_adapters(params, tmp, config, step)
+            folder = paths.final
         if config.checkpoint.save_single_file:
             single = save_single_file(final, run.single_file, overwrite=True)
     return folder, single
