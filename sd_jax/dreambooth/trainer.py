@@ -395,6 +395,7 @@ def _train(config: TrainConfig, run: RunDir, *, pipe: Any, resume: bool | None, 
                 _log_samples(pipe, state, config, paths, logger, done)
                 say(f"samples of step {done} written to {paths.samples}")
             if done % config.checkpoint.every == 0 or done == total or stop.requested:
+                logger.flush()  # the metrics of every step a checkpoint holds are on disk before it is
                 ckpt.save(done, state, {"data_position": position, "step": done, "config": config.to_dict()})
                 say(f"checkpoint step {done} saving to {paths.checkpoints / str(done)}")
             if stop.requested:
