@@ -21,6 +21,7 @@ import numpy as np
 
 from sd_jax import images as imageio
 from sd_jax import memory, sampling, sharding
+from sd_jax import prompts as promptlib
 from sd_jax.convert import core
 from sd_jax.convert.diffusers import IGNORED_BUFFERS
 from sd_jax.convert.source import MODEL_KEYS, ModelFiles, load_model_files
@@ -161,10 +162,67 @@ class StableDiffusion:
                             ids.shape[1], info.dropped_text, prompt)
         return ids
 
-    def encode_prompt(self, prompts: str | Sequence[str], clip_skip: int = 0) -> jax.Array:
-        """Prompts -> (B, 77, width) conditioning (the final hidden state after the final LayerNorm)."""
-        ids = self.tokenize(prompts)
-        return _encode_text(self.text_encoder, self.params["text_encoder"], jnp.asarray(ids), clip_skip)
+    def encode_prompt(self, prompts: str | Sequence[str], clip_skip: int = 0,
+                      prompt_syntax: str = promptlib.DEFAULT_SYNTAX) -> jax.Array:
+        """Prompts -> (B, 77 x chunks, width) conditioning (the final hidden state after the final LayerNorm).
+
+        ``prompt_syntax="a1111"``: weights and chunks as :mod:`sd_jax.prompts`; ``"plain"``: the text
+        as it is, truncated to 77 tokens.
+        """
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        return self._conditioning(prompts, promptlib.check_syntax(prompt_syntax), clip_skip, len(prompts))
+
+    def prompt_chunks(self, prompts: Sequence[str]) -> list[promptlib.Chunks]:
+        """Each prompt in the A1111 syntax as weighted 77-token chunks (see :mod:`sd_jax.prompts`)."""
+        tok, out = self.tokenizer, []
+        if self.text_encoder.config.max_position_embeddings < promptlib.CHUNK_TOKENS + 2:
+            raise ValueError(f"this text encoder takes {self.text_encoder.config.max_position_embeddings} tokens, "
+                             f"fewer than a {promptlib.CHUNK_TOKENS + 2}-token chunk: use prompt_syntax='plain'")
+        for prompt in prompts:
+            fragments = promptlib.parse_attention(prompt)
+            ids = tok.token_ids([text for text, _ in fragments])
+            chunks = promptlib.chunk_tokens(fragments, ids, bos=tok.bos_id, eos=tok.eos_id, pad=tok.pad_id,
+                                            comma=tok.comma_id, expansions=tok.expansions)
+            if chunks.count > promptlib.MAX_CHUNKS:
+                raise RequestError(("prompts",), f" must fit in {promptlib.MAX_CHUNKS} chunks of "
+                                   f"{promptlib.CHUNK_TOKENS} tokens; one has {chunks.token_count} tokens: "
+                                   f"{prompt[:40]!r}...")
+            out.append(chunks)
+        return out
+
+    def chunk_count(self, prompts: Sequence[str], syntax: str) -> int:
+        """Chunks of the longest prompt (1 for the plain syntax): every prompt of a batch is padded to it."""
+        if syntax == "plain":
+            return 1
+        return max(c.count for c in self.prompt_chunks(list(dict.fromkeys(prompts))))
+
+    def _conditioning(self, prompts: Sequence[str], syntax: str, clip_skip: int, batch: int,
+                      chunks: int = 1) -> jax.Array:
+        """Prompts -> (batch, 77 x chunks', width) conditioning, rows padded to ``batch`` by repeating the last;
+        A1111 syntax: each prompt padded with empty chunks to at least ``chunks`` (see :meth:`chunk_count`)."""
+        if syntax == "plain":
+            return _encode_text(self.text_encoder, self.params["text_encoder"],
+                                sampling.pad_batch(self.tokenize(prompts), batch), clip_skip)
+        parts = self.prompt_chunks(prompts)
+        count = max([chunks] + [c.count for c in parts])
+        tok = self.tokenizer
+        ids, weights = promptlib.pad_chunks(parts, count, tok.bos_id, tok.eos_id, tok.pad_id)  # (B, C, 77)
+        ids, weights = sampling.pad_batch(ids, batch), sampling.pad_batch(weights, batch)
+        length = ids.shape[-1]
+        z = _encode_weighted(self.text_encoder, self.params["text_encoder"], jnp.asarray(ids.reshape(-1, length)),
+                             jnp.asarray(weights.reshape(-1, length)), clip_skip)  # (batch * C, 77, width)
+        return z.reshape(batch, count * length, z.shape[-1])
+
+    def load_embedding(self, path: str | Path, token: str | None = None) -> str:
+        """Load a textual-inversion embedding (A1111 ``.pt``/``.safetensors``, diffusers ``learned_embeds``);
+        returns the prompt token that stands for it (default: A1111's file stem, or the diffusers file's key).
+        See :mod:`sd_jax.embeddings`."""
+        from sd_jax.embeddings import add_embedding, read_embedding
+
+        embedding = read_embedding(path, token)
+        add_embedding(self, embedding)
+        log.info("embedding %s: token %r, %d vector(s)", path, embedding.token, embedding.vectors.shape[0])
+        return embedding.token
 
     # ------------------------------------------------------------------ UNet
     def predict_noise(self, latents: Any, t: Any, emb: Any) -> jax.Array:
@@ -264,6 +322,7 @@ class StableDiffusion:
         name = self.scheduler_name(request)
         if request.eta and name != "ddim":
             raise RequestError(("eta", request.eta), f" only applies to the ddim scheduler (scheduler is {name!r})")
+        self.chunk_count(request.prompts + request.negative_prompts, request.prompt_syntax)  # too long: refused now
         layers = self.text_encoder.config.num_hidden_layers
         if request.clip_skip >= layers:
             raise RequestError(("clip_skip", request.clip_skip), f" must be below the text encoder's {layers} "
@@ -286,11 +345,11 @@ class StableDiffusion:
         shape = (req.height // self.vae_scale_factor, req.width // self.vae_scale_factor,
                  self.vae.config.latent_channels)
         guided = req.guided
-        cond = _encode_text(self.text_encoder, self.params["text_encoder"],
-                            sampling.pad_batch(self.tokenize(req.prompts), chunk), req.clip_skip)
-        uncond = _encode_text(self.text_encoder, self.params["text_encoder"],
-                              sampling.pad_batch(self.tokenize(req.negative_prompts), chunk),
-                              req.clip_skip) if guided else None
+        texts = req.prompts + (req.negative_prompts if guided else ())
+        count = self.chunk_count(texts, req.prompt_syntax)  # prompts and negatives padded to one chunk count
+        cond = self._conditioning(req.prompts, req.prompt_syntax, req.clip_skip, chunk, count)
+        uncond = self._conditioning(req.negative_prompts, req.prompt_syntax, req.clip_skip, chunk,
+                                    count) if guided else None
         keys = sampling.seed_keys(sampling.pad_batch(np.asarray(req.seeds, np.uint32), chunk))
         guidance = sampling.pad_batch(np.asarray(req.guidance_scales, np.float32), chunk)
         name = self.scheduler_name(req)
@@ -434,6 +493,13 @@ def _example_inputs(name: str, config: Any) -> tuple[Any, ...]:
 def _encode_text(module: CLIPTextModel, params: Any, ids: jax.Array, clip_skip: int) -> jax.Array:
     """Jitted text encoder."""
     return module.apply({"params": params}, ids, clip_skip=clip_skip)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def _encode_weighted(module: CLIPTextModel, params: Any, ids: jax.Array, weights: jax.Array,
+                     clip_skip: int) -> jax.Array:
+    """Jitted text encoder over (N, 77) chunks, hidden states weighted per token (A1111's emphasis)."""
+    return promptlib.apply_weights(module.apply({"params": params}, ids, clip_skip=clip_skip), weights)
 
 
 @functools.partial(jax.jit, static_argnums=(0,))

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from sd_jax.limits import MAX_SEED, short  # seeds become 32-bit PRNG keys; errors echo a short prefix
+from sd_jax.prompts import DEFAULT_SYNTAX, PROMPT_SYNTAXES  # "a1111" (weights, long prompts) or "plain"
 
 DEFAULT_STEPS = 50
 DEFAULT_GUIDANCE = 7.5
@@ -44,7 +45,6 @@ MAX_IMAGES = 10_000           # images one request returns at once (generate.py 
 MAX_STEPS = 1000              # SD v1 has 1000 training timesteps
 MAX_PROMPT_CHARS = 10_000
 RANDOM_SEED = -1              # "draw a random seed", as AUTOMATIC1111
-PROMPT_SYNTAXES = ("plain",)  # issue 13 adds "a1111"
 
 
 def scheduler_names() -> tuple[str, ...]:
@@ -140,7 +140,7 @@ class GenerationRequest:
     batch_size: int | None = None          # None: every image in one call
     clip_skip: int = 0
     loras: tuple[LoraRef, ...] = ()
-    prompt_syntax: str = "plain"
+    prompt_syntax: str = DEFAULT_SYNTAX
 
     def __post_init__(self):
         set_ = _setter(self)
@@ -270,7 +270,7 @@ class GenerationRequest:
               seed: int | Sequence[int] | None = 0, num_images_per_prompt: int = 1, latents: Any = None,
               eta: float = 0.0, init_image: Any = None, strength: float | None = None, mask_image: Any = None,
               clip_skip: int = 0, batch_size: int | None = None, loras: Sequence[LoraRef] = (),
-              prompt_syntax: str = "plain") -> GenerationRequest:
+              prompt_syntax: str = DEFAULT_SYNTAX) -> GenerationRequest:
         """The keyword arguments of :meth:`StableDiffusion.generate` -> a request, expanded per image.
 
         Each prompt gives ``num_images_per_prompt`` images, in order. ``seed``:

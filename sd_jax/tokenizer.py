@@ -117,6 +117,9 @@ class Tokenizer:
         self.bos_id, self.eos_id = vocab[BOS_TOKEN], vocab[EOS_TOKEN]
         pad_id = hf_tokenizer.pad_token_id
         self.pad_id = self.eos_id if pad_id is None else int(pad_id)
+        self.comma_id = vocab.get(",</w>")
+        # Textual-inversion tokens: the id a prompt's token gets -> the ids of its embedding's vectors.
+        self.expansions: dict[int, tuple[int, ...]] = {}
 
     @property
     def vocab_size(self) -> int:
@@ -139,9 +142,9 @@ class Tokenizer:
         infos = []
         if not prompts:
             return ids, infos
-        encoded = self.hf(prompts, add_special_tokens=False, truncation=False, verbose=False)
         room = self.max_length - 2
-        for row, tokens in enumerate(encoded["input_ids"]):
+        for row, tokens in enumerate(self.token_ids(prompts)):
+            tokens = [t for token in tokens for t in self.expansions.get(token, (token,))]
             kept, dropped = tokens[:room], tokens[room:]
             ids[row, :len(kept) + 2] = [self.bos_id, *kept, self.eos_id]
             if dropped:
@@ -150,6 +153,40 @@ class Tokenizer:
             else:
                 infos.append(TruncationInfo(False))
         return ids, infos
+
+    def token_ids(self, texts: Sequence[str]) -> list[list[int]]:
+        """Each text's token ids, without start/end tokens and untruncated (embedding tokens not expanded)."""
+        if not texts:
+            return []
+        return list(self.hf(list(texts), add_special_tokens=False, truncation=False, verbose=False)["input_ids"])
+
+    def add_embedding_tokens(self, token: str, vectors: int) -> list[int]:
+        """Make ``token`` one token of ``vectors`` placeholder ids (``token``, ``token_1``, ... as diffusers'
+        ``load_textual_inversion`` names them); returns the ids. Loading the same token again with as
+        many vectors reuses its ids; a word the vocabulary already has is refused."""
+        if not isinstance(token, str) or not token or any(c.isspace() for c in token):
+            raise ValueError(f"embedding token {str(token)[:40]!r} must be a non-empty word without spaces")
+        names = [token] + [f"{token}_{i}" for i in range(1, vectors)]
+        vocab = self.hf.get_vocab()
+        first = vocab.get(token)
+        if first is not None:
+            if first in self.expansions and len(self.expansions[first]) == vectors:
+                return list(self.expansions[first])
+            what = (f"an embedding of {len(self.expansions[first])} vector(s)" if first in self.expansions
+                    else "a word of the tokenizer's vocabulary")
+            raise ValueError(f"embedding token {token[:40]!r} is already {what}; load it under another token")
+        taken = [name for name in names[1:] if name in vocab]
+        if taken:
+            raise ValueError(f"embedding token {token[:40]!r} needs the placeholder {taken[0][:48]!r}, which the "
+                             "tokenizer already has; load it under another token")
+        self.hf.add_tokens(names)
+        ids = [int(i) for i in self.hf.convert_tokens_to_ids(names)]
+        check = self.hf(token, add_special_tokens=False)["input_ids"]
+        if check != ids[:1]:
+            raise ValueError(f"embedding token {token[:40]!r} is not read back as one token (got {len(check)}); "
+                             "pick a token without spaces")
+        self.expansions[ids[0]] = tuple(ids)
+        return ids
 
     def save(self, folder: str | os.PathLike) -> Path:
         """Write a diffusers ``tokenizer/`` folder (vocab.json, merges.txt, configs)."""

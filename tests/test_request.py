@@ -75,7 +75,7 @@ def test_errors_name_the_argument_or_the_flag():
     (dict(eta=0.5, scheduler="pndm"), "eta=0.5 only applies to the ddim"),
     (dict(latents=np.full((1, 8, 8, 4), np.nan)), "latents must be finite"),
     (dict(batch_size=0), "batch_size=0"),
-    (dict(prompt_syntax="a1111"), "prompt_syntax='a1111'"),
+    (dict(prompt_syntax="comfy"), "prompt_syntax='comfy' must be one of a1111, plain"),
 ])
 def test_bad_values_are_refused_at_once(kwargs, match):
     t0 = time.perf_counter()
