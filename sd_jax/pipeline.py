@@ -22,6 +22,7 @@ import numpy as np
 from sd_jax import images as imageio
 from sd_jax import memory, sampling, sharding
 from sd_jax import prompts as promptlib
+from sd_jax.convert import cache as converted_cache
 from sd_jax.convert import core
 from sd_jax.convert.diffusers import IGNORED_BUFFERS
 from sd_jax.convert.source import MODEL_KEYS, ModelFiles, load_model_files
@@ -76,7 +77,8 @@ class StableDiffusion:
     def from_pretrained(cls, path: str | Path, dtype: Any = "float32", *, param_dtype: Any = None,
                         variant: str | None = None, attention: str = "auto", remat: bool = False,
                         use_ema: bool = True, config: str | Path | None = None,
-                        safety_checker: bool = True, **hub_options: Any) -> StableDiffusion:
+                        safety_checker: bool = True, cache: bool | str | Path | None = None,
+                        **hub_options: Any) -> StableDiffusion:
         """Load a diffusers folder, a CompVis single file or a hub id.
 
         ``dtype`` is the compute dtype; parameters are stored in ``param_dtype``
@@ -84,19 +86,38 @@ class StableDiffusion:
         UNet weights; ``config`` overrides single-file architecture detection.
         ``safety_checker``: load the folder's ``safety_checker/`` when it has one
         (flagged images are reported in ``GenerationResult.nsfw``, never altered).
+        ``cache``: the converted-layout cache of a local model (``sd_jax.convert.cache``):
+        None uses ``$SD_JAX_CACHE`` or ``~/.cache/sd_jax/converted``, a path that folder,
+        False none. A warm load memory-maps the converted parameters instead of converting.
         """
         compute = parse_dtype(dtype)
         storage = parse_dtype(param_dtype, "param_dtype") if param_dtype is not None else compute
+        entry = converted_cache.entry_for(path, cache=cache, variant=variant, use_ema=use_ema, config=config,
+                                          dtype=storage)
+        hit = entry.load() if entry is not None else None
+        if hit is not None:
+            files, converted = hit
+            try:
+                return cls.from_model_files(files, compute, storage, attention=attention, remat=remat,
+                                            safety_checker=safety_checker, converted=converted)
+            except core.WeightMismatchError as err:
+                entry.discard(str(err).splitlines()[0])
         files = load_model_files(path, variant=variant, use_ema=use_ema, config=config,
                                  safety_checker=safety_checker, **hub_options)
         return cls.from_model_files(files, compute, storage, attention=attention, remat=remat,
-                                    safety_checker=safety_checker)
+                                    safety_checker=safety_checker, cache_entry=entry)
 
     @classmethod
     def from_model_files(cls, files: ModelFiles, dtype: Any = jnp.float32, param_dtype: Any = None, *,
-                         attention: str = "auto", remat: bool = False,
-                         safety_checker: bool = True) -> StableDiffusion:
-        """Build the modules and fill their parameters strictly from a :class:`ModelFiles`."""
+                         attention: str = "auto", remat: bool = False, safety_checker: bool = True,
+                         converted: dict[str, dict[tuple[str, ...], Any]] | None = None,
+                         cache_entry: converted_cache.Entry | None = None) -> StableDiffusion:
+        """Build the modules and fill their parameters strictly from a :class:`ModelFiles`.
+
+        ``converted``: the parameters already in sd_jax's layout (a converted-layout cache hit;
+        ``files.states`` is then empty); ``cache_entry``: where to write the converted
+        parameters for the next load.
+        """
         param_dtype = dtype if param_dtype is None else param_dtype
         cfg = files.configs
         modules = dict(
@@ -105,17 +126,26 @@ class StableDiffusion:
                                       remat=remat, attention=attention),
             vae=AutoencoderKL(cfg["vae"], dtype=dtype, param_dtype=param_dtype, attention=attention),
         )
-        params, skipped = {}, {}
+        params, skipped, host = {}, {}, {}
         for name in MODEL_KEYS:
             shapes = param_shapes(modules[name], *_example_inputs(name, modules[name].config))
-            state = files.states.pop(name)
-            tree, skipped[name] = core.load_state_dict(shapes, state, what=name.replace("_", " "),
-                                                       ignore=IGNORED_BUFFERS[name])
-            del state
+            what = name.replace("_", " ")
+            if converted is not None:
+                tree, skipped[name] = core.adopt_tree(shapes, converted[name], what=what), []
+            else:
+                state = files.states.pop(name)
+                tree, skipped[name] = core.load_state_dict(shapes, state, what=what, ignore=IGNORED_BUFFERS[name])
+                del state
+            # On the CPU device_put adopts the aligned host arrays (no copy); elsewhere it copies them.
             params[name] = jax.device_put(tree)
+            if cache_entry is not None:
+                host[name] = tree
             del tree
             if skipped[name]:
                 log.info("%s: skipped buffers %s", name, ", ".join(skipped[name]))
+        if cache_entry is not None:
+            cache_entry.store(files, host)
+            del host
         tokenizer = load_tokenizer(files.tokenizer_dir, pad_token=files.pad_token)
         checker = None
         if safety_checker and "safety_checker" in files.extra_dirs:

@@ -159,6 +159,31 @@ def load_state_dict(target: Mapping[str, Any], state: Mapping[str, np.ndarray], 
     return unflatten_tree(arrays), sorted(skipped)
 
 
+def adopt_tree(target: Mapping[str, Any], flat: Mapping[tuple[str, ...], np.ndarray], *, what: str
+               ) -> dict[str, Any]:
+    """Arrays already in sd_jax's layout (``{param path: array}``) -> the parameter tree, strictly.
+
+    Every parameter of ``target`` must be there exactly with its shape and dtype, and nothing else;
+    otherwise :class:`WeightMismatchError` lists the differences. Nothing is copied.
+    """
+    flat_target = flatten_tree(target)
+    missing = [p for p in flat_target if p not in flat]
+    unexpected = [p for p in flat if p not in flat_target]
+    bad = [f"{'/'.join(p)}: has {tuple(flat[p].shape)} {flat[p].dtype}, model expects "
+           f"{tuple(spec.shape)} {np.dtype(spec.dtype)}" for p, spec in flat_target.items()
+           if p in flat and (tuple(flat[p].shape) != tuple(spec.shape) or flat[p].dtype != np.dtype(spec.dtype))]
+    if missing or unexpected or bad:
+        parts = [f"the converted {what} parameters do not match the {what} model"]
+        if bad:
+            parts.append(_listing("shape or dtype mismatches", bad))
+        if missing:
+            parts.append(_listing("missing", ["/".join(p) for p in missing]))
+        if unexpected:
+            parts.append(_listing("not in the model", ["/".join(p) for p in unexpected]))
+        raise WeightMismatchError("\n".join(parts))
+    return unflatten_tree({p: flat[p] for p in flat_target})
+
+
 def non_finite_error(what: str, names: list[str]) -> NonFiniteWeightsError:
     """The one error for weights that are not finite, naming (the first few of) them."""
     shown = ", ".join(n[:ECHO_NAME] for n in sorted(names)[:8]) + (" ..." if len(names) > 8 else "")

@@ -6,9 +6,15 @@ buffer. The JSON maps each tensor name to {"dtype", "shape", "data_offsets": [be
 
 The reader memory-maps the file and returns read-only numpy views into the mapping (no copy,
 so a 4 GB file costs no RAM until touched). The mapping stays open for as long as any returned
-array is alive; pass ``copy=True`` to get ordinary in-memory arrays instead. Every claim the
-header makes is checked against the file before a view is made, so a lying header is a
+array is alive; pass ``copy=True`` to get ordinary in-memory arrays instead, or ``private=True``
+for writable copy-on-write views (a write changes this process's page, never the file). Every
+claim the header makes is checked against the file before a view is made, so a lying header is a
 ``CheckpointFormatError`` and never an out-of-bounds read.
+
+The writer can align every tensor's data to ``align`` bytes (64: ``jax.device_put`` on the CPU
+adopts such a memory-mapped array instead of copying it). The gaps are filled with ``uint8``
+tensors named ``__padding_<n>__``, so the file stays standard safetensors (the official reader,
+which refuses holes in the data buffer, loads it) and readers drop those names.
 """
 from __future__ import annotations
 
@@ -149,10 +155,17 @@ def _read_prefix(path: str | os.PathLike, file_size: int) -> tuple[int, bytes]:
         return header_len, f.read(header_len)
 
 
+PADDING_PREFIX = "__padding_"  # names of the filler tensors an aligned file holds (see save_safetensors)
+
+
 def load_safetensors(
-    path: str | os.PathLike, *, copy: bool = False
+    path: str | os.PathLike, *, copy: bool = False, private: bool = False
 ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """Read a .safetensors file into ({name: array}, metadata); arrays are read-only mmap views unless copy."""
+    """Read a .safetensors file into ({name: array}, metadata).
+
+    Arrays are read-only mmap views; with ``private`` writable copy-on-write views of a private
+    mapping; with ``copy`` ordinary in-memory arrays. Filler tensors of an aligned file are dropped.
+    """
     try:
         file_size = os.path.getsize(path)
     except OSError as e:
@@ -167,9 +180,11 @@ def load_safetensors(
     if not entries:
         return {}, metadata
     with open(path, "rb") as f:
-        buffer = memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
+        buffer = memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY if private else mmap.ACCESS_READ))
     tensors = {}
     for name, (dtype, shape, begin, end) in entries.items():
+        if name.startswith(PADDING_PREFIX) and dtype == np.uint8:
+            continue
         array = np.frombuffer(buffer[data_start + begin:data_start + end], dtype=dtype).reshape(shape)
         tensors[name] = array.copy() if copy else array
     return tensors, metadata
@@ -215,8 +230,26 @@ def _check_write_metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:
     return metadata
 
 
-def _header_bytes(checked: dict[str, tuple[str, np.ndarray]], metadata: dict[str, str]) -> bytes:
-    """Build the length-prefixed JSON header, padded with spaces to a multiple of 8 bytes."""
+def _aligned(checked: dict[str, tuple[str, np.ndarray]], align: int) -> dict[str, tuple[str, np.ndarray]]:
+    """Insert zero-filled ``uint8`` filler tensors so that every tensor starts at a multiple of ``align``."""
+    if align <= 8:
+        return checked
+    out: dict[str, tuple[str, np.ndarray]] = {}
+    offset = 0
+    for name, (dtype_name, array) in checked.items():
+        gap = -offset % align
+        if gap and array.nbytes:
+            out[f"{PADDING_PREFIX}{len(out)}__"] = ("U8", np.zeros(gap, np.uint8))
+            offset += gap
+        if name.startswith(PADDING_PREFIX):
+            raise ValueError(f"tensor name {short(name)} is reserved for filler tensors of aligned files")
+        out[name] = (dtype_name, array)
+        offset += array.nbytes
+    return out
+
+
+def _header_bytes(checked: dict[str, tuple[str, np.ndarray]], metadata: dict[str, str], align: int = 8) -> bytes:
+    """Build the length-prefixed JSON header, padded with spaces so the data starts at a multiple of ``align``."""
     header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
     offset = 0
     for name, (dtype_name, array) in checked.items():
@@ -224,7 +257,7 @@ def _header_bytes(checked: dict[str, tuple[str, np.ndarray]], metadata: dict[str
         header[name] = {"dtype": dtype_name, "shape": list(array.shape), "data_offsets": [offset, end]}
         offset = end
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    raw += b" " * (-(8 + len(raw)) % 8)
+    raw += b" " * (-(8 + len(raw)) % max(8, align))
     return len(raw).to_bytes(8, "little") + raw
 
 
@@ -236,11 +269,18 @@ def _little_endian_bytes(array: np.ndarray) -> memoryview:
 
 
 def save_safetensors(
-    path: str | os.PathLike, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None
+    path: str | os.PathLike, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None,
+    *, align: int = 8,
 ) -> None:
-    """Write tensors (and optional str metadata) to a .safetensors file atomically."""
-    checked = _check_tensors(tensors)
-    header = _header_bytes(checked, _check_write_metadata(metadata))
+    """Write tensors (and optional str metadata) to a .safetensors file atomically.
+
+    ``align`` (a power of two): every tensor's data starts at a multiple of it in the file (and so in
+    a page-aligned memory mapping), gaps filled by ``__padding_<n>__`` tensors; 8 writes no fillers.
+    """
+    if align < 8 or align & (align - 1):
+        raise ValueError(f"align={short(align)} must be a power of two >= 8")
+    checked = _aligned(_check_tensors(tensors), align)
+    header = _header_bytes(checked, _check_write_metadata(metadata), align)
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
