@@ -8,6 +8,7 @@ and is cached per shape by ``jax.jit``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -71,6 +72,7 @@ class StableDiffusion:
     source: str = ""
     skipped_weights: dict[str, list[str]] = dataclasses.field(default_factory=dict)
     safety_checker: Any = None  # sd_jax.safety.SafetyCheck when the model folder has one
+    lora_stack: Any = dataclasses.field(default=None, repr=False)  # sd_jax.lora.apply.LoraStack, made on first use
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -166,6 +168,66 @@ class StableDiffusion:
         from sd_jax.convert.export import save_single_file
 
         return save_single_file(self, path, dtype, overwrite=overwrite)
+
+    # ------------------------------------------------------------------ LoRA
+    def _lora(self) -> Any:
+        """The pipeline's :class:`~sd_jax.lora.apply.LoraStack` (made on first use)."""
+        from sd_jax.lora.apply import LoraStack
+
+        if self.lora_stack is None:
+            self.lora_stack = LoraStack()
+        return self.lora_stack
+
+    def load_lora(self, path_or_hub_id: str | Path, scale: float = 1.0, name: str | None = None, *,
+                  weight_name: str | None = None, **hub_options: Any) -> Any:
+        """Merge a LoRA file (kohya or diffusers/PEFT, detected) into the UNet and text encoder.
+
+        Call again to stack adapters, each with its own ``scale``; ``name`` (default: the file's stem)
+        names it for :meth:`set_lora_scale` and :meth:`unload_lora`. A hub id fetches the repository's
+        ``weight_name`` (default: its ``pytorch_lora_weights.safetensors`` or only ``.safetensors``).
+        Strict: a layer the model does not have is an error listing it. Returns the loaded adapter.
+        """
+        stack = self._lora()
+        entry = stack.entry(path_or_hub_id, self.params, scale, name, weight_name=weight_name, **hub_options)
+        self.params = stack.add(entry, self.params)
+        log.info("LoRA %s: %d layers at scale %g", entry.name, entry.layers, entry.scale)
+        return entry
+
+    def set_lora_scale(self, name: Any, scale: float) -> None:
+        """Change a loaded adapter's scale (a traced value: nothing recompiles)."""
+        self.params = self._lora().set_scale(name, scale, self.params)
+
+    def unload_lora(self, name: Any = None) -> None:
+        """Remove one adapter (``name``), or all: the parameters they changed get back their exact base values."""
+        self.params = self._lora().remove(name, self.params)
+
+    @property
+    def loras(self) -> list[dict[str, Any]]:
+        """The loaded adapters in load order: name, scale, short hash, source."""
+        return self._lora().records()
+
+    @contextlib.contextmanager
+    def _request_loras(self, refs: Sequence[Any]):
+        """A request's LoRAs merged on top of the loaded ones for its duration; yields their records."""
+        stack = self._lora()
+        if not refs:
+            yield stack.records()
+            return
+        names = set(stack.loaded)
+        extra = []
+        for i, ref in enumerate(refs):
+            entry = stack.entry(ref.path, self.params, ref.scale, name=f"request-{i}")
+            entry.name = Path(entry.path).stem
+            while entry.name in names:
+                entry.name += "+"
+            names.add(entry.name)
+            extra.append(entry)
+        params = self.params
+        self.params = stack.apply(params, extra)
+        try:
+            yield stack.records(extra)
+        finally:
+            self.params = params
 
     # ------------------------------------------------------------------ properties
     @property
@@ -326,8 +388,9 @@ class StableDiffusion:
         """Every image of a request, batch by batch, as one result (checked against the model first)."""
         mesh = sharding.sampling_mesh(devices)
         self.check_request(request, mesh)
-        parts = [self._run_batch(batch, mesh, progress) for batch in request.batches()]
-        return GenerationResult.concatenate(parts, request)
+        with self._request_loras(request.loras) as loras:
+            parts = [self._run_batch(batch, mesh, progress) for batch in request.batches()]
+        return dataclasses.replace(GenerationResult.concatenate(parts, request), loras=loras)
 
     def scheduler_name(self, request: GenerationRequest) -> str:
         """The solver a request runs: its own, else the model folder's."""
@@ -357,8 +420,12 @@ class StableDiffusion:
         if request.clip_skip >= layers:
             raise RequestError(("clip_skip", request.clip_skip), f" must be below the text encoder's {layers} "
                                "layers")
-        if request.loras:
-            raise RequestError(("loras",), " cannot be applied yet: this pipeline samples without LoRA adapters")
+        for lora in request.loras:  # read when the request runs (once per file); here only that it can be found
+            from sd_jax.convert.source import looks_like_hub_id
+
+            if not Path(lora.path).expanduser().exists() and not looks_like_hub_id(lora.path):
+                raise RequestError(("loras", lora.path[:80]), " does not exist: pass a LoRA .safetensors file or a "
+                                   "hub id")
         mesh = mesh if mesh is not None else sharding.sampling_mesh()
         devices = list(mesh.devices.flat)
         batch = _padded_batch(request, mesh.size)
@@ -455,6 +522,7 @@ class GenerationResult:
     request: GenerationRequest | None = None  # the whole request (eta, strength, clip skip, batch size, ...)
     model: str = ""   # the pipeline's source (folder, file or hub id)
     dtype: str = ""   # its compute dtype
+    loras: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # name, scale, hash, source of each LoRA
 
     @classmethod
     def of(cls, request: GenerationRequest, scheduler: str, images: np.ndarray, nsfw: list[bool] | None,
