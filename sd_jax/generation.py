@@ -76,11 +76,15 @@ class GenerateConfig:
     eta: float = 0.0
     clip_skip: int = 0
     progress: bool = True                 # a per-step progress bar on stderr
+    loras: tuple[Any, ...] = ()           # LoRA adapters: LoraRef(path, scale) or "FILE[:SCALE]" strings
 
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
         set_("prompts", tuple(self.prompts))
         set_("outdir", Path(self.outdir))
+        from sd_jax.lora.files import parse_lora_arg
+
+        set_("loras", tuple(parse_lora_arg(x) if isinstance(x, str) else x for x in self.loras))
         for name in ("init_image", "mask_image"):
             if getattr(self, name) is not None:
                 set_(name, Path(getattr(self, name)))
@@ -123,7 +127,7 @@ class GenerateConfig:
             prompts, self.negative_prompt, height=self.height, width=self.width, num_inference_steps=self.steps,
             guidance_scale=self.guidance_scale, scheduler=self.scheduler, seed=self.seed + start, eta=self.eta,
             init_image=init, strength=self.strength, mask_image=mask, clip_skip=self.clip_skip,
-            batch_size=self.batch)
+            batch_size=self.batch, loras=self.loras)
 
     def requests(self, init: Any = None, mask: Any = None) -> Iterator[GenerationRequest]:
         """The run's requests, one per batch, built as they are needed."""
@@ -268,6 +272,10 @@ def run(config: GenerateConfig, pipe: Any = None) -> RunResult:
     init = open_input(cfg.init_image, "--init-image")
     mask = open_input(cfg.mask_image, "--mask-image")
     first = cfg.request(0, min(cfg.batch, cfg.total), init, mask)  # validates every request value
+    from sd_jax.lora.files import check_lora_source
+
+    for lora in cfg.loras:  # read once the model is loaded; here only that each can be found
+        check_lora_source(lora.path)
     outdir = outputs.prepare(cfg.outdir, "--outdir")
     check_disk(outdir, cfg.total, first.height, first.width)
     if cfg.grid:

@@ -22,6 +22,7 @@ PROG = "generate.py"
 
 # Request and run fields (as sd_jax.request and GenerateConfig name them) -> the flag that sets them.
 FLAGS = {
+    "loras": "--lora",
     "prompt": "--prompt", "prompts": "--prompt", "negative_prompt": "--negative-prompt",
     "negative_prompts": "--negative-prompt", "num_inference_steps": "--steps", "guidance_scale": "--guidance-scale",
     "guidance_scales": "--guidance-scale", "scheduler": "--scheduler", "seed": "--seed", "seeds": "--seed",
@@ -47,7 +48,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
                           batch_size=args.batch_size, outdir=Path(args.outdir), grid=args.grid, dtype=args.dtype,
                           init_image=args.init_image, strength=args.strength, mask_image=args.mask_image,
                           safety_checker=not args.no_safety_checker, watermark=args.watermark, eta=args.eta,
-                          clip_skip=args.clip_skip, progress=not args.no_progress)
+                          clip_skip=args.clip_skip, loras=tuple(args.lora or ()), progress=not args.no_progress)
 
 
 def run(args: argparse.Namespace) -> Any:
@@ -83,6 +84,7 @@ def run(args: argparse.Namespace) -> Any:
 def build_parser() -> common.ArgumentParser:
     """The generate.py command line."""
     from sd_jax.generation import DEFAULT_MAX_BATCH, DEFAULT_MODEL, DTYPES
+    from sd_jax.lora.files import parse_lora_arg
     from sd_jax.request import DEFAULT_GUIDANCE, DEFAULT_SIZE, DEFAULT_STEPS, IMG2IMG_STRENGTH, INPAINT_STRENGTH
     from sd_jax.request import a1111_sampler_names, canonical_scheduler, scheduler_names
 
@@ -136,6 +138,9 @@ def build_parser() -> common.ArgumentParser:
     p.add_argument("--eta", type=float, default=0.0, help="ddim only: noise of each step, 0 = deterministic")
     p.add_argument("--clip-skip", type=int, default=0, help="use the text encoder's hidden state this many layers "
                                                             "before the last (default 0)")
+    p.add_argument("--lora", action="append", metavar="FILE[:SCALE]", type=common.argument_type(parse_lora_arg),
+                   help="a LoRA adapter (kohya or diffusers/PEFT .safetensors, or a hub id) merged at SCALE "
+                        "(default 1); repeat the flag to stack several; each is recorded with its short hash")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (the summary is still printed)")
     return p
 

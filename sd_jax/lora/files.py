@@ -426,3 +426,34 @@ def short_hash(path: str | os.PathLike) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()[:12]
+
+
+# ---------------------------------------------------------------------------------------------- command line
+
+def parse_lora_arg(text: str) -> Any:
+    """``FILE[:SCALE]`` (generate.py --lora) -> :class:`~sd_jax.request.LoraRef`; the scale defaults to 1.
+
+    A path that itself holds a ':' (and exists) is taken whole.
+    """
+    from sd_jax.request import LoraRef
+
+    path, sep, scale = text.rpartition(":")
+    if not sep or Path(text).expanduser().exists():
+        return LoraRef(text, 1.0)
+    try:
+        value = float(scale)
+    except ValueError:
+        raise ValueError(f"--lora {short(text, 200)}: give FILE or FILE:SCALE with SCALE a number "
+                         f"(e.g. style.safetensors:0.7); {short(scale, 40)} is not a number") from None
+    if not path:
+        raise ValueError(f"--lora {short(text, 200)}: the file name is missing before ':'")
+    return LoraRef(path, value)
+
+
+def check_lora_source(source: str, flag: str = "--lora") -> None:
+    """Refuse (before any model loads) a LoRA that is neither an existing file or folder nor a hub id."""
+    from sd_jax.convert.source import looks_like_hub_id
+
+    if not Path(source).expanduser().exists() and not looks_like_hub_id(source):
+        raise FileNotFoundError(f"{flag} {short(source, 200)} does not exist: pass a LoRA .safetensors file, a "
+                                "folder holding one, or a hub id (user/repo)")
