@@ -240,9 +240,8 @@ def _clip_skip(settings: Any) -> int:
         raise FieldError("override_settings", f"override_settings must be an object, got {short(settings)}")
     other = sorted(set(settings) - {CLIP_SKIP_SETTING})
     if other:
-        raise FieldError(f"override_settings.{short(other[0], 40)}",
-                         f"override_settings.{short(other[0], 40)} is not supported by this server (supported: "
-                         f"{CLIP_SKIP_SETTING})")
+        name = f"override_settings.{str(other[0])[:40]}"
+        raise FieldError(name, f"{name} is not supported by this server (supported: {CLIP_SKIP_SETTING})")
     value = integer(settings, CLIP_SKIP_SETTING, 1, 1, 12)
     return value - 1
 
@@ -295,29 +294,20 @@ def apply_overlay(images: np.ndarray, overlay: tuple[np.ndarray, np.ndarray] | N
     return (images * mask + np.broadcast_to(init, images.shape) * (1.0 - mask)).astype(np.float32)
 
 
-def infotext(job: Job, index: int, model_name: str) -> str:
-    """A1111's infotext of image ``index`` ("prompt\\nNegative prompt: ...\\nSteps: ..., Seed: ...")."""
-    req = job.request
-    fields = {"Steps": req.steps, "Sampler": job.sampler_name, "Schedule type": job.schedule,
-              "CFG scale": f"{req.guidance_scales[index]:g}", "Seed": req.seeds[index],
-              "Size": f"{req.width}x{req.height}", "Model": model_name}
-    if job.denoising_strength is not None:
-        fields["Denoising strength"] = f"{job.denoising_strength:g}"
-    if req.clip_skip:
-        fields["Clip skip"] = req.clip_skip + 1
-    if req.scheduler == "ddim" and req.eta:
-        fields["Eta DDIM"] = f"{req.eta:g}"
+def infotext(job: Job, index: int, model_name: str, model_hash: str | None = None) -> str:
+    """A1111's infotext of image ``index`` (sd_jax's one writer of it, :func:`sd_jax.outputs.a1111_parameters`)."""
     from sd_jax import __version__
+    from sd_jax.outputs import a1111_parameters
 
-    fields["Version"] = f"sd_jax {__version__}"
-    lines = [req.prompts[index]]
-    if req.negative_prompts[index]:
-        lines.append(f"Negative prompt: {req.negative_prompts[index]}")
-    lines.append(", ".join(f"{k}: {v}" for k, v in fields.items()))
-    return "\n".join(lines)
+    req = job.request
+    return a1111_parameters(
+        req.prompts[index], req.negative_prompts[index], steps=req.steps, sampler=job.sampler_name,
+        cfg_scale=req.guidance_scales[index], seed=req.seeds[index], width=req.width, height=req.height,
+        model=model_name, model_hash=model_hash, clip_skip=req.clip_skip, denoising_strength=job.denoising_strength,
+        eta=req.eta, extra={"Schedule type": job.schedule, "Version": f"sd_jax {__version__}"})
 
 
-def info(job: Job, model_name: str) -> str:
+def info(job: Job, model_name: str, model_hash: str | None = None) -> str:
     """The ``info`` JSON string, with the keys A1111's ``Processed.js()`` writes."""
     req = job.request
     total = req.total
@@ -327,21 +317,23 @@ def info(job: Job, model_name: str) -> str:
         "subseed": job.subseed, "all_subseeds": [min(job.subseed + i, MAX_SEED) for i in range(total)],
         "subseed_strength": 0, "width": req.width, "height": req.height, "sampler_name": job.sampler_name,
         "cfg_scale": req.guidance_scales[0], "steps": req.steps, "batch_size": job.batch_size,
-        "restore_faces": False, "face_restoration_model": None, "sd_model_name": model_name, "sd_model_hash": None,
+        "restore_faces": False, "face_restoration_model": None, "sd_model_name": model_name,
+        "sd_model_hash": model_hash,
         "sd_vae_name": None, "sd_vae_hash": None, "seed_resize_from_w": -1, "seed_resize_from_h": -1,
         "denoising_strength": job.denoising_strength, "extra_generation_params": {"Schedule type": job.schedule},
-        "index_of_first_image": 0, "infotexts": [infotext(job, i, model_name) for i in range(total)],
+        "index_of_first_image": 0,
+        "infotexts": [infotext(job, i, model_name, model_hash) for i in range(total)],
         "styles": [], "job_timestamp": time.strftime("%Y%m%d%H%M%S"), "clip_skip": req.clip_skip + 1,
         "is_using_inpainting_conditioning": req.mask_image is not None, "version": "sd_jax",
         "n_iter": job.n_iter, "scheduler": req.scheduler,
     })
 
 
-def response(job: Job, images: np.ndarray, model_name: str) -> dict[str, Any]:
+def response(job: Job, images: np.ndarray, model_name: str, model_hash: str | None = None) -> dict[str, Any]:
     """``{images, parameters, info}`` as A1111 answers (each PNG carries its infotext as 'parameters')."""
     from sd_jax.serve.fields import encode_png
 
     images = apply_overlay(images, job.overlay)
-    encoded = ([encode_png(im, {"parameters": infotext(job, i, model_name)}) for i, im in enumerate(images)]
-               if job.send_images else [])
-    return {"images": encoded, "parameters": job.parameters, "info": info(job, model_name)}
+    encoded = ([encode_png(im, {"parameters": infotext(job, i, model_name, model_hash)})
+                for i, im in enumerate(images)] if job.send_images else [])
+    return {"images": encoded, "parameters": job.parameters, "info": info(job, model_name, model_hash)}

@@ -164,6 +164,7 @@ class Service:
         self.a1111_syntax = "a1111" if "a1111" in PROMPT_SYNTAXES else "plain"  # A1111's (word:1.2) weights
         self.users = parse_credentials(cfg.api_auth) if cfg.api_auth else {}
         self.state = "starting"
+        self.model_hash: str | None = None  # A1111's short hash of a checkpoint file (set during warm-up)
         self.inflight = 0
         self._lock = threading.Lock()
         self.metrics = Metrics(cfg.max_batch)
@@ -179,6 +180,9 @@ class Service:
         """Compile every configured (size, solver, mode) at every warm-up batch size, then take work."""
         import numpy as np
 
+        from sd_jax.outputs import model_hash
+
+        self.model_hash = model_hash(str(self.cfg.model))
         sizes = self.cfg.warmup_batches or self.batcher.sizes
         plan = [(parse_warmup(spec), b) for spec in self.cfg.warmup for b in sizes]
         for i, ((width, height, solver, mode), batch) in enumerate(plan, 1):
@@ -248,14 +252,18 @@ class Service:
         except QueueFull as full:
             raise HTTPProblem(429, str(full), {"Retry-After": str(full.retry_after_s)}) from None
         waiting = asyncio.wrap_future(job.future)
-        while True:
-            done, _ = await asyncio.wait({waiting}, timeout=POLL_S)
-            if done:
-                break
-            if await http.is_disconnected():
-                self.batcher.cancel(job, "disconnected")
-            elif time.monotonic() > job.deadline:
-                self.batcher.cancel(job, "timeout")
+        try:
+            while True:
+                done, _ = await asyncio.wait({waiting}, timeout=POLL_S)
+                if done:
+                    break
+                if await http.is_disconnected():
+                    self.batcher.cancel(job, "disconnected")
+                elif time.monotonic() > job.deadline:
+                    self.batcher.cancel(job, "timeout")
+        except asyncio.CancelledError:  # the server cancelled the handler (client gone): drop the job
+            self.batcher.cancel(job, "disconnected")
+            raise
         try:
             return waiting.result()
         except JobCancelled as err:
@@ -271,27 +279,8 @@ def create_app(service: Service) -> Any:
     from fastapi.responses import JSONResponse, Response
 
     app = FastAPI(title="sd_jax serve", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(Guard, service=service)
     metrics = service.metrics
-
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        path = request.url.path
-        start = time.monotonic()
-        if path != "/health" and not service.authorized(request.headers.get("authorization")):
-            response = _error(path, HTTPProblem(401, "missing or wrong credentials (Authorization: Bearer KEY or "
-                                                     "HTTP Basic)", {"WWW-Authenticate": _challenge(service)}))
-        else:
-            with service._lock:
-                service.inflight += 1
-            try:
-                response = await call_next(request)
-            finally:
-                with service._lock:
-                    service.inflight -= 1
-        metrics.requests.labels(_endpoint(path), str(response.status_code)).inc()
-        if request.method == "POST":
-            metrics.latency.labels(_endpoint(path)).observe(time.monotonic() - start)
-        return response
 
     @app.exception_handler(HTTPProblem)
     async def problem(request: Request, exc: HTTPProblem):
@@ -324,7 +313,7 @@ def create_app(service: Service) -> Any:
             prompt_syntax=service.a1111_syntax))
         await asyncio.to_thread(_parse, lambda: service.check(job.request, a1111.NAMES))
         result = await _run(request, job.request)
-        answer = await asyncio.to_thread(a1111.response, job, result.array, service.model_name)
+        answer = await asyncio.to_thread(a1111.response, job, result.array, service.model_name, service.model_hash)
         return JSONResponse(answer)
 
     @app.post("/v1/images/generations")
@@ -379,6 +368,44 @@ def create_app(service: Service) -> Any:
                 "current_image": None, "textinfo": None, "current_task": None}
 
     return app
+
+
+class Guard:
+    """ASGI middleware: credentials (401), the count of requests being answered (drain waits for it),
+    request and latency metrics."""
+
+    def __init__(self, app: Any, service: Service):
+        self.app, self.service = app, service
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path, start, status = scope["path"], time.monotonic(), [500]
+        headers = dict(scope.get("headers") or ())
+        authorization = headers.get(b"authorization", b"").decode("latin-1")
+
+        async def send_status(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        service = self.service
+        if path != "/health" and not service.authorized(authorization):
+            problem = HTTPProblem(401, "missing or wrong credentials (Authorization: Bearer KEY, or HTTP Basic)",
+                                  {"WWW-Authenticate": _challenge(service)})
+            await _error(path, problem)(scope, receive, send_status)
+        else:
+            with service._lock:
+                service.inflight += 1
+            try:
+                await self.app(scope, receive, send_status)
+            finally:
+                with service._lock:
+                    service.inflight -= 1
+        service.metrics.requests.labels(_endpoint(path), str(status[0])).inc()
+        if scope["method"] == "POST":
+            service.metrics.latency.labels(_endpoint(path)).observe(time.monotonic() - start)
 
 
 def _parse(fn: Callable[[], Any]) -> Any:
