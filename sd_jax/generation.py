@@ -77,6 +77,8 @@ class GenerateConfig:
     clip_skip: int = 0
     progress: bool = True                 # a per-step progress bar on stderr
     loras: tuple[Any, ...] = ()           # LoRA adapters: LoraRef(path, scale) or "FILE[:SCALE]" strings
+    prompt_syntax: str = "a1111"          # AUTOMATIC1111's weights and long prompts (sd_jax.prompts); "plain": literal
+    embeddings: tuple[tuple[str, str | None], ...] = ()  # textual inversion: (path, token or None) or "FILE[:TOKEN]"
 
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
@@ -85,6 +87,9 @@ class GenerateConfig:
         from sd_jax.lora.files import parse_lora_arg
 
         set_("loras", tuple(parse_lora_arg(x) if isinstance(x, str) else x for x in self.loras))
+        from sd_jax.embeddings import parse_embedding_arg
+
+        set_("embeddings", tuple(parse_embedding_arg(e) if isinstance(e, str) else tuple(e) for e in self.embeddings))
         for name in ("init_image", "mask_image"):
             if getattr(self, name) is not None:
                 set_(name, Path(getattr(self, name)))
@@ -127,7 +132,7 @@ class GenerateConfig:
             prompts, self.negative_prompt, height=self.height, width=self.width, num_inference_steps=self.steps,
             guidance_scale=self.guidance_scale, scheduler=self.scheduler, seed=self.seed + start, eta=self.eta,
             init_image=init, strength=self.strength, mask_image=mask, clip_skip=self.clip_skip,
-            batch_size=self.batch, loras=self.loras)
+            batch_size=self.batch, loras=self.loras, prompt_syntax=self.prompt_syntax)
 
     def requests(self, init: Any = None, mask: Any = None) -> Iterator[GenerationRequest]:
         """The run's requests, one per batch, built as they are needed."""
@@ -268,7 +273,10 @@ def run(config: GenerateConfig, pipe: Any = None) -> RunResult:
     """
     from sd_jax import multihost, outputs
 
+    from sd_jax.embeddings import add_embedding, read_embedding
+
     cfg = config
+    embeddings = [read_embedding(path, token) for path, token in cfg.embeddings]  # read (and checked) before loading
     init = open_input(cfg.init_image, "--init-image")
     mask = open_input(cfg.mask_image, "--mask-image")
     first = cfg.request(0, min(cfg.batch, cfg.total), init, mask)  # validates every request value
@@ -295,6 +303,8 @@ def run(config: GenerateConfig, pipe: Any = None) -> RunResult:
         print(f"loaded in {time.perf_counter() - t_start:.1f} s", flush=True)
     elif not cfg.safety_checker and getattr(pipe, "safety_checker", None) is not None:
         pipe = dataclasses.replace(pipe, safety_checker=None)  # a shallow copy; the caller's pipe keeps its checker
+    for embedding in embeddings:
+        add_embedding(pipe, embedding)
     import numpy as np
 
     dtype = np.dtype(pipe.unet.dtype).name
@@ -311,7 +321,7 @@ def run(config: GenerateConfig, pipe: Any = None) -> RunResult:
     if cfg.mask_image is not None:
         extra["mask_image"] = cfg.mask_image.name
     writer = outputs.ImageWriter(outdir, model=cfg.model, dtype=dtype, extra=extra, watermark=cfg.watermark,
-                                 keep_for_grid=cfg.grid)
+                                 keep_for_grid=cfg.grid, embeddings={e.token: e.short_hash for e in embeddings})
     bar = StepBar(batches, cfg.batch, size, enabled=cfg.progress)
     written: list[Path] = []
     flagged: list[Path] = []

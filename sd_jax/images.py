@@ -134,11 +134,13 @@ def grid(images: Sequence[Image.Image], cols: int | None = None) -> Image.Image:
 
 
 def save_png(image: Image.Image, path: str | Path, metadata: Mapping[str, Any]) -> Path:
-    """Write a PNG with ``metadata`` as text chunks (one per key, plus a 'parameters' summary)."""
+    """Write a PNG with ``metadata`` as text chunks (one per key, plus a 'parameters' summary unless the
+    metadata has its own, e.g. AUTOMATIC1111's infotext from :func:`sd_jax.outputs.image_metadata`)."""
     info = PngImagePlugin.PngInfo()
     for key, value in metadata.items():
         info.add_text(str(key), "" if value is None else str(value))
-    info.add_text("parameters", ", ".join(f"{k}: {v}" for k, v in metadata.items()))
+    if "parameters" not in metadata:
+        info.add_text("parameters", ", ".join(f"{k}: {v}" for k, v in metadata.items()))
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     image.save(tmp, format="PNG", pnginfo=info)

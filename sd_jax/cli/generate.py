@@ -28,7 +28,8 @@ FLAGS = {
     "guidance_scales": "--guidance-scale", "scheduler": "--scheduler", "seed": "--seed", "seeds": "--seed",
     "num_images_per_prompt": "--n-images", "n_images": "--n-images", "height": "--height", "width": "--width",
     "eta": "--eta", "init_image": "--init-image", "mask_image": "--mask-image", "strength": "--strength",
-    "batch_size": "--batch-size", "clip_skip": "--clip-skip", "dtype": "--dtype",
+    "batch_size": "--batch-size", "clip_skip": "--clip-skip", "dtype": "--dtype", "prompt_syntax": "--plain-prompts",
+    "embeddings": "--embedding",
 }
 
 
@@ -48,7 +49,9 @@ def config_from_args(args: argparse.Namespace) -> Any:
                           batch_size=args.batch_size, outdir=Path(args.outdir), grid=args.grid, dtype=args.dtype,
                           init_image=args.init_image, strength=args.strength, mask_image=args.mask_image,
                           safety_checker=not args.no_safety_checker, watermark=args.watermark, eta=args.eta,
-                          clip_skip=args.clip_skip, loras=tuple(args.lora or ()), progress=not args.no_progress)
+                          clip_skip=args.clip_skip, loras=tuple(args.lora or ()), progress=not args.no_progress,
+                          prompt_syntax="plain" if args.plain_prompts else "a1111",
+                          embeddings=tuple(args.embedding or ()))
 
 
 def run(args: argparse.Namespace) -> Any:
@@ -137,7 +140,15 @@ def build_parser() -> common.ArgumentParser:
                    help="embed the CompVis invisible watermark (needs: pip install 'sd_jax[watermark]')")
     p.add_argument("--eta", type=float, default=0.0, help="ddim only: noise of each step, 0 = deterministic")
     p.add_argument("--clip-skip", type=int, default=0, help="use the text encoder's hidden state this many layers "
-                                                            "before the last (default 0)")
+                                                            "before the last (default 0; AUTOMATIC1111's \"Clip skip\" "
+                                                            "is this + 1: its 2 is --clip-skip 1)")
+    p.add_argument("--plain-prompts", action="store_true",
+                   help="take prompts literally, truncated to 77 tokens (default: AUTOMATIC1111's syntax: (word:1.3), "
+                        "(word), [word], \\( for a literal bracket, BREAK, prompts over 75 tokens in chunks)")
+    p.add_argument("--embedding", action="append", metavar="FILE[:TOKEN]",
+                   help="a textual-inversion embedding (AUTOMATIC1111 .pt/.safetensors or diffusers "
+                        "learned_embeds.safetensors); TOKEN (default: the file name without extension, or the "
+                        "diffusers file's token) stands for it in prompts; repeat the flag for several")
     p.add_argument("--lora", action="append", metavar="FILE[:SCALE]", type=common.argument_type(parse_lora_arg),
                    help="a LoRA adapter (kohya or diffusers/PEFT .safetensors, or a hub id) merged at SCALE "
                         "(default 1); repeat the flag to stack several; each is recorded with its short hash")
