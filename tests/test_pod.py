@@ -244,3 +244,61 @@ def test_one_process_dying_stops_the_other_then_the_run_resumes(tiny_folder, tmp
     steps = [json.loads(line)["step"] for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 13)), steps
     assert (out / "final" / "model_index.json").is_file()
+
+
+@pytest.mark.slow  # ~3 two-process runs (13 min on a loaded 2-core machine)
+def test_every_process_killed_during_a_save_then_the_run_resumes_as_if_uninterrupted(tiny_folder, tmp_path):
+    """SIGKILL both processes while a checkpoint is being written (its Orbax temporary folder exists); the
+    same command then resumes from the last complete checkpoint and ends with the weights of a run that was
+    never interrupted."""
+    import signal
+    import time
+
+    from sd_jax.launch import child_env, free_port
+
+    instance = _subject_images(tmp_path / "dog")
+    recipe = ["--max-train-steps", "8", "--checkpoint-every", "1", "--learning-rate", "1e-4",
+              "--set", f"optim.adam_epsilon={ADAM_EPS}"]
+    out = tmp_path / "out"
+    args = _train_args(tiny_folder, instance, out, *recipe)
+    port = free_port()
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
+    base.update(SD_JAX_COMPILATION_CACHE="0")
+    logs = [open(tmp_path / f"p{i}.log", "w") for i in range(2)]
+    procs = [subprocess.Popen([sys.executable, *args], env=child_env(base, i, 2, port, 2), cwd=ROOT,
+                              stdout=logs[i], stderr=subprocess.STDOUT) for i in range(2)]
+    caught = None
+    try:
+        deadline = time.monotonic() + TIMEOUT_S
+        ckpts = out / "checkpoints"
+        while caught is None and time.monotonic() < deadline and all(p.poll() is None for p in procs):
+            if ckpts.is_dir():
+                for p in ckpts.iterdir():
+                    m = re.match(r"^(\d+)\.orbax-checkpoint-tmp", p.name)
+                    if m and int(m.group(1)) >= 2:
+                        caught = int(m.group(1))
+            if caught is None:
+                time.sleep(0.002)
+        for p in procs:
+            p.send_signal(signal.SIGKILL)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+        for f in logs:
+            f.close()
+    assert caught is not None, "no save was caught in progress: " + (tmp_path / "p0.log").read_text()[-3000:]
+    assert not (out / "final").exists()
+
+    res = launch(2, 2, args, tmp_path / "resume-logs")
+    assert res.returncode == 0, _report(res, tmp_path / "resume-logs")
+    steps = [json.loads(line)["step"] for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 9)), steps
+    assert not [p for p in out.rglob("*") if re.search(r"orbax-checkpoint-tmp", p.name)]
+
+    clean = tmp_path / "clean"
+    res = launch(2, 2, _train_args(tiny_folder, instance, clean, *recipe), tmp_path / "clean-logs")
+    assert res.returncode == 0, _report(res, tmp_path / "clean-logs")
+    assert_same_training(_read_unet(tiny_folder), _read_unet(out / "final"), _read_unet(clean / "final"),
+                         update_tol=1e-6, scale_tol=1e-9)
