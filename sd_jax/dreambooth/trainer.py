@@ -144,7 +144,7 @@ class BatchBuilder:
             return {"input_ids": np.asarray(self.pipe.tokenize(prompts), np.int32)}
         missing = sorted({p for p in prompts if p not in self.embeddings})
         if missing:
-            for p, e in zip(missing, np.asarray(self.pipe.encode_prompt(missing))):
+            for p, e in zip(missing, np.asarray(self.pipe.encode_prompt(missing, prompt_syntax="plain"))):
                 self.embeddings[p] = e
         return {"text_embeddings": np.stack([self.embeddings[p] for p in prompts])}
 
