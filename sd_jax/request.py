@@ -15,10 +15,10 @@ Errors are :class:`RequestError` (a ``ValueError``) whose message names the
 Python argument (``height=60 ...``); the command line renders the same error
 with its flags (``--height 60 ...``) through :meth:`RequestError.render`.
 
-Room for what comes next: ``loras`` (adapters and their scales) and
-``prompt_syntax`` are fields of the request so that the service and the
-LoRA/prompt-weighting work extend this value instead of adding a path; the
-pipeline refuses LoRAs until it can apply them.
+``loras`` (adapters and their scales) and ``prompt_syntax`` are fields of the
+request: ``"a1111"`` (the default) reads AUTOMATIC1111's weights, ``BREAK`` and
+prompts longer than 75 tokens (:mod:`sd_jax.prompts`), ``"plain"`` takes the
+text literally (truncated to 77 tokens).
 """
 
 from __future__ import annotations
@@ -277,6 +277,7 @@ class GenerationRequest:
         image b gets ``seed + b``, or one seed per image; None or -1 draws a
         random first seed (recorded in ``seeds``). ``height``/``width`` default
         to the init image's size rounded down to a multiple of 8, else 512.
+        ``prompt_syntax``: "a1111" (weights, long prompts) or "plain" (literal, 77 tokens).
         """
         prompts = [prompt] if isinstance(prompt, str) else _as_list(prompt, "prompt")
         if not prompts:
