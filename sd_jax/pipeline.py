@@ -377,7 +377,10 @@ class StableDiffusion:
         None/-1: random), ``num_images_per_prompt``, ``latents``, ``eta``,
         ``init_image`` + ``strength`` (img2img), ``mask_image`` (white =
         repaint), ``clip_skip``, ``batch_size`` (images per compiled call,
-        default all). The batch is split over ``devices`` (default: all local
+        default all), ``loras``, ``prompt_syntax`` ("a1111", the default:
+        ``(word:1.3)``, ``[word]``, ``BREAK`` and long prompts, see
+        :mod:`sd_jax.prompts`; "plain": literal, truncated to 77 tokens).
+        The batch is split over ``devices`` (default: all local
         devices); ``progress`` receives per-step events (see :mod:`sd_jax.sampling`).
         """
         return self.run(GenerationRequest.build(prompt, negative_prompt, **request), devices=devices,
