@@ -21,6 +21,12 @@ aliased, which is what a GPU/TPU would need on the device).
     python bench/train.py --unet small       # a small UNet: checks the script in a minute
     python bench/train.py --estimate --resolution 512 [--fsdp 8]   # XLA's memory estimate only
 
+``--lora-rank R`` (with ``--lora-base-dtype``, ``--lora-targets``) times or estimates LoRA Dreambooth
+instead: rank-R adapters train (float32, with their AdamW state) over the frozen UNet stored in the
+base dtype (sd_jax only; the PyTorch reference stays the full fine-tune).
+
+    python bench/train.py --estimate --resolution 512 --lora-rank 4 --lora-base-dtype bfloat16
+
 ``--estimate`` compiles the sd_jax step for each setting without allocating anything and prints
 XLA's memory estimate per device (on ``--fsdp N`` host devices: the step of a mesh data=1 x
 fsdp=N, the batch padded to N rows as the trainer pads it). It needs no weights and little RAM, so
@@ -173,6 +179,31 @@ def load_unet_params(folder: Path, model, sharding):
     return unflatten_tree(out)
 
 
+def lora_split(cfg, unet_params) -> tuple[dict, dict]:
+    """(trainable, frozen) of the step: the whole UNet trains, or (``cfg.lora.enabled``) adapters over the
+    frozen UNet in the base dtype. ``unet_params`` may be arrays or ShapeDtypeStructs."""
+    import jax
+    import jax.numpy as jnp
+
+    from sd_jax.dreambooth import lora
+
+    if not cfg.lora.enabled:
+        return {"unet": unet_params}, {}
+    base = lora.STORAGE_DTYPES[cfg.lora.base_dtype]
+    adapters = lora.init_adapters("unet", unet_params, cfg.lora.targets, cfg.lora.rank, cfg.seed)
+    cast = (lambda x: jax.ShapeDtypeStruct(x.shape, base)) if isinstance(
+        jax.tree.leaves(unet_params)[0], jax.ShapeDtypeStruct) else (lambda x: x.astype(base))
+    return {"unet": adapters}, {"unet": jax.tree.map(cast, unet_params) if base != jnp.float32 else unet_params}
+
+
+def lora_section(job: dict) -> dict:
+    """The config's lora section of a job (off without ``lora_rank``)."""
+    if not job.get("lora_rank"):
+        return {}
+    return {"enabled": True, "rank": job["lora_rank"], "base_dtype": job["lora_base_dtype"],
+            "targets": job["lora_targets"]}
+
+
 def jax_worker(job: dict) -> dict:
     """sd_jax's jitted Dreambooth step on one device."""
     import jax
@@ -191,7 +222,8 @@ def jax_worker(job: dict) -> dict:
     cfg = TrainConfig.from_dict({
         "data": {"cache_latents": True, "cache_text_embeddings": True},
         "train": {"mixed_precision": job["dtype"], "remat": job["remat"], "prior_loss_weight": PRIOR_WEIGHT},
-        "optim": {"learning_rate": LR, "weight_decay": WEIGHT_DECAY, "max_grad_norm": MAX_GRAD_NORM}})
+        "optim": {"learning_rate": LR, "weight_decay": WEIGHT_DECAY, "max_grad_norm": MAX_GRAD_NORM},
+        "lora": lora_section(job)})
     unet_cfg = UNetConfig.from_diffusers(json.loads((Path(job["folder"]) / "config.json").read_text()))
     compute = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[job["dtype"]]
     unet = UNet2DConditionModel(unet_cfg, dtype=compute, param_dtype=jnp.float32, remat=job["remat"])
@@ -199,15 +231,15 @@ def jax_worker(job: dict) -> dict:
                         alphas_cumprod=alphas_cumprod(NoiseScheduleConfig.sd_v1()), prediction_type="epsilon",
                         scaling_factor=SCALE)
     mesh = make_mesh(devices=jax.devices()[:1])
-    trainable = {"unet": load_unet_params(Path(job["folder"]), unet, replicated(mesh))}
+    trainable, frozen = lora_split(cfg, load_unet_params(Path(job["folder"]), unet, replicated(mesh)))
     optimizer = make_optimizer(cfg, trainable)
-    state = init_train_state(trainable, optimizer, mesh, cfg, donate=True)
+    state = init_train_state(trainable, optimizer, mesh, cfg, donate=not cfg.lora.enabled)
     del trainable
-    train_step = make_train_step(models, cfg, optimizer, mesh, state, {})
+    train_step = make_train_step(models, cfg, optimizer, mesh, state, frozen)
     data = dict(np.load(job["inputs"]))
     batch = host_local_batch_to_global(data, mesh)
     start = time.perf_counter()
-    compiled = train_step.lower(state, {}, batch).compile()
+    compiled = train_step.lower(state, frozen, batch).compile()
     compile_s = time.perf_counter() - start
     peak = compiled_peak_bytes(compiled)
     xla_gib = None if peak is None else peak / 2**30
@@ -216,7 +248,7 @@ def jax_worker(job: dict) -> dict:
     del state
 
     def step():
-        holder["state"], metrics = compiled(holder["state"], {}, batch)
+        holder["state"], metrics = compiled(holder["state"], frozen, batch)
         jax.block_until_ready((holder["state"], metrics))
         losses.append(float(metrics["loss"]))
 
@@ -245,12 +277,13 @@ def estimate_worker(job: dict) -> dict:
     from sd_jax.models.unet import UNet2DConditionModel, UNetConfig
     from sd_jax.pipeline import param_shapes
     from sd_jax.schedulers import NoiseScheduleConfig, alphas_cumprod
-    from sd_jax.sharding import BATCH_AXES, make_mesh
+    from sd_jax.sharding import BATCH_AXES, abstract, make_mesh, tree_shardings
 
     fsdp = job["fsdp"]
     cfg = TrainConfig.from_dict({
         "data": {"cache_latents": True, "cache_text_embeddings": True},
-        "train": {"mixed_precision": job["dtype"], "remat": job["remat"]}, "mesh": {"data": 1, "fsdp": fsdp}})
+        "train": {"mixed_precision": job["dtype"], "remat": job["remat"]}, "mesh": {"data": 1, "fsdp": fsdp},
+        "lora": lora_section(job)})
     config = V14_UNET_CONFIG if job["unet"] == "v1.4" else SMALL_UNET_CONFIG
     compute = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[job["dtype"]]
     unet = UNet2DConditionModel(UNetConfig.from_diffusers(config), dtype=compute, param_dtype=jnp.float32,
@@ -261,18 +294,22 @@ def estimate_worker(job: dict) -> dict:
     mesh = make_mesh(data=1, fsdp=fsdp, devices=jax.devices()[:fsdp])
     shapes = {"unet": param_shapes(unet, jnp.zeros((1, 8, 8, 4)), jnp.zeros((1,), jnp.int32),
                                    jnp.zeros((1, 1, 768)))}
-    optimizer = make_optimizer(cfg, shapes)
-    state = abstract_train_state(shapes, optimizer, mesh, cfg)
+    trainable, frozen = lora_split(cfg, shapes["unet"])
+    optimizer = make_optimizer(cfg, trainable)
+    state = abstract_train_state(trainable, optimizer, mesh, cfg)
+    frozen = abstract(frozen, tree_shardings(frozen, mesh, cfg.mesh.fsdp_min_size))
     rows, h = max(2, fsdp), job["resolution"] // 8
     rows_sharding = NamedSharding(mesh, P(BATCH_AXES))
     spec = lambda *shape: jax.ShapeDtypeStruct((rows, *shape), jnp.float32, sharding=rows_sharding)
     batch = {"latent_mean": spec(h, h, 4), "latent_logvar": spec(h, h, 4), "text_embeddings": spec(77, 768),
              "prior_mask": spec(), "valid": spec()}
     start = time.perf_counter()
-    compiled = make_train_step(models, cfg, optimizer, mesh, state, {}).lower(state, {}, batch).compile()
+    compiled = make_train_step(models, cfg, optimizer, mesh, state, frozen).lower(state, frozen, batch).compile()
     mem, g = compiled.memory_analysis(), 2**30
+    n_adapter = sum(x.size for x in jax.tree.leaves(trainable)) if cfg.lora.enabled else 0
     return {"compile_s": time.perf_counter() - start, "args": mem.argument_size_in_bytes / g,
-            "temp": mem.temp_size_in_bytes / g, "total": compiled_peak_bytes(compiled) / g}
+            "temp": mem.temp_size_in_bytes / g, "total": compiled_peak_bytes(compiled) / g,
+            "adapter_params": n_adapter}
 
 
 def run_estimates(args) -> None:
@@ -282,23 +319,39 @@ def run_estimates(args) -> None:
     rows = []
     for s in args.settings:
         dtype, remat = SETTINGS[s]
-        job = {"name": f"estimate-{s}-fsdp{args.fsdp}", "impl": "estimate", "dtype": dtype, "remat": remat,
-               "fsdp": args.fsdp, "resolution": args.resolution, "unet": args.unet}
+        job = {"name": f"estimate-{s}-fsdp{args.fsdp}{_lora_tag(args)}", "impl": "estimate", "dtype": dtype,
+               "remat": remat, "fsdp": args.fsdp, "resolution": args.resolution, "unet": args.unet, **_lora_job(args)}
         work = args.dir or Path(tempfile.mkdtemp(prefix="sd_jax_bench_train_"))
         work.mkdir(parents=True, exist_ok=True)
         r = run_worker(job, work, args.timeout,
                        env={**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={args.fsdp}"})
         print(f"  {s}: {r}", flush=True)
+        what = f"step {args.resolution}², {s}{_lora_tag(args, ', ')}, fsdp={args.fsdp}"
         if "total" in r:
-            rows.append((f"step {args.resolution}², {s}, fsdp={args.fsdp}: XLA memory per device",
-                         f"{r['total']:.1f} GiB (state {r['args']:.1f} + temporaries {r['temp']:.1f})", "", ""))
+            rows.append((f"{what}: XLA memory per device",
+                         f"{r['total']:.2f} GiB (state {r['args']:.2f} + temporaries {r['temp']:.2f})", "", ""))
+            if r.get("adapter_params"):  # float32 adapters: the PEFT file's size, give or take its header
+                rows.append((f"{what}: adapters", f"{r['adapter_params'] / 1e6:.2f} M parameters, "
+                             f"{r['adapter_params'] * 4 / 2**20:.1f} MiB as float32", "", ""))
         else:
-            rows.append((f"step {args.resolution}², {s}, fsdp={args.fsdp}", r["error"], "", ""))
+            rows.append((what, r["error"], "", ""))
     print()
     print(f"machine: {machine()}; UNet {args.unet}; batch 1 instance + 1 class"
           f"{f' padded to {args.fsdp} rows' if args.fsdp > 2 else ''}; AdamW float32 state; compile only "
           f"(XLA:CPU buffer assignment)")
     print(table(rows, header=("figure", "sd_jax", "", "")))
+
+
+def _lora_job(args) -> dict:
+    return ({"lora_rank": args.lora_rank, "lora_base_dtype": args.lora_base_dtype, "lora_targets": args.lora_targets}
+            if args.lora_rank else {})
+
+
+def _lora_tag(args, sep: str = "-") -> str:
+    if not args.lora_rank:
+        return ""
+    return f"{sep}lora{'' if sep == '-' else ' '}r{args.lora_rank}{sep}{args.lora_base_dtype}{sep}" \
+           f"{'+'.join(args.lora_targets)}"
 
 
 def need_gib(n_params: int, resolution: int, remat: bool, dtype: str) -> float:
@@ -336,6 +389,11 @@ def main() -> None:
     parser.add_argument("--timeout", type=int, default=3600, help="seconds per worker")
     parser.add_argument("--estimate", action="store_true", help="XLA's memory estimate only (compile, no run)")
     parser.add_argument("--fsdp", type=int, default=1, help="with --estimate: a data=1 x fsdp=N mesh of host devices")
+    parser.add_argument("--lora-rank", type=int, default=0, help="LoRA Dreambooth at this rank (0: full fine-tune)")
+    parser.add_argument("--lora-base-dtype", default="bfloat16", choices=("float32", "bfloat16"),
+                        help="with --lora-rank: storage of the frozen UNet")
+    parser.add_argument("--lora-targets", nargs="+", default=["attention"], choices=("attention", "proj", "ff", "conv"),
+                        help="with --lora-rank: the adapted layer groups")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -363,7 +421,8 @@ def main() -> None:
         jobs.append({"name": "torch-fp32", "impl": "torch", "dtype": "float32", "remat": False})
     for s in args.settings:
         dtype, remat = SETTINGS[s]
-        jobs.append({"name": f"sd_jax-{s}", "impl": "jax", "dtype": dtype, "remat": remat})
+        jobs.append({"name": f"sd_jax-{s}{_lora_tag(args)}", "impl": "jax", "dtype": dtype, "remat": remat,
+                     **_lora_job(args)})
     results = {}
     for job in jobs:
         job.update(folder=str(folder), inputs=str(work / f"inputs-{args.resolution}.npz"), steps=args.steps,

@@ -87,7 +87,7 @@ def init_adapters(component: str, params: Mapping[str, Any], groups: tuple[str, 
     rng = np.random.default_rng([seed, 0x10A, len(component)])
     out = {}
     for path in paths:
-        shape = tuple(np.shape(flat[path]))
+        shape = tuple(flat[path].shape)  # arrays or ShapeDtypeStructs (an estimate allocates nothing)
         bound = 1.0 / math.sqrt(math.prod(shape[:-1]))  # fan_in = in * kh * kw
         out[path[:-1] + ("down",)] = rng.uniform(-bound, bound, shape[:-1] + (rank,)).astype(np.float32)
         out[path[:-1] + ("up",)] = np.zeros((1,) * (len(shape) - 2) + (rank, shape[-1]), np.float32)

@@ -462,8 +462,11 @@ def _log_samples(pipe: Any, state: Any, config: TrainConfig, paths: RunPaths, lo
     if jax.process_index() != 0:  # the samples are process 0's alone; the others go on
         return
     params = model_weights(pipe, params, config)
-    # On this process's first device: a multi-process jit refuses numpy inputs it must shard.
-    result = sample_images(pipe, jax.device_put(params, jax.local_devices()[0]), config)
+    if jax.process_count() > 1:  # on this process's first device: a multi-process jit refuses numpy inputs
+        params = jax.device_put(params, jax.local_devices()[0])
+    # One process: host arrays, which the sampler places on its mesh (arrays committed to one device of
+    # several would be refused).
+    result = sample_images(pipe, params, config)
     from sd_jax.images import save_png
     from sd_jax.outputs import image_metadata  # the one PNG schema (prompt, seed, steps, ... as generate.py)
 
