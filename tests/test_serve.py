@@ -261,8 +261,8 @@ def test_bad_images_size_limit_and_service_survives(server):
 
 def test_queue_full_is_429_with_retry_after(server):
     first = concurrent.futures.ThreadPoolExecutor(1).submit(
-        server.request, "POST", "/sdapi/v1/txt2img", _txt2img("fill", 1, batch_size=16))
-    time.sleep(0.5)  # the first 8 images run, 8 wait: 16 more do not fit the queue of 16
+        server.request, "POST", "/sdapi/v1/txt2img", _txt2img("fill", 1, batch_size=16, steps=150))
+    time.sleep(0.5)  # the first 8 images run (150 steps: seconds), 8 wait: 16 more do not fit the queue of 16
     status, answer, headers = server.request("POST", "/sdapi/v1/txt2img", _txt2img("more", 2, batch_size=16))
     assert status == 429 and int(headers["retry-after"]) >= 1, answer
     assert first.result()[0] == 200
