@@ -373,7 +373,7 @@ def test_request_loras_apply_for_that_request_only(clean, attn_lora, tmp_path):
     from sd_jax.request import GenerationRequest, LoraRef
 
     params = clean.params
-    kw = dict(height=32, width=32, num_inference_steps=2, seed=3)
+    kw = dict(height=32, width=32, num_inference_steps=2, seed=3, scheduler="ddim")  # compiled as the image test
     plain = clean.generate("a cat", **kw)
     with_lora = clean.generate("a cat", loras=[LoraRef(str(attn_lora), 0.8)], **kw)
     assert clean.params is params and clean.loras == []
@@ -400,7 +400,7 @@ def test_generate_cli_lora_flag_records_the_hash(tiny_folder, attn_lora, tmp_pat
 
     out = tmp_path / "out"
     args = ["--model", str(tiny_folder), "--prompt", "a cat", "--steps", "2", "--height", "32", "--width", "32",
-            "--seed", "4", "--no-progress"]
+            "--seed", "4", "--scheduler", "ddim", "--no-progress"]
     assert main([*args, "--outdir", str(out), "--lora", f"{attn_lora}:0.7"]) == 0
     (png,) = out.glob("*.png")
     with Image.open(png) as img:
@@ -413,3 +413,51 @@ def test_generate_cli_lora_flag_records_the_hash(tiny_folder, attn_lora, tmp_pat
         main([*args, "--outdir", str(out), "--lora", f"{attn_lora}:lots"])
     assert main([*args, "--outdir", str(out), "--lora", str(tmp_path / "none.safetensors")]) == 2
     assert len(list(out.glob("*.png"))) == 1
+
+
+def test_images_match_diffusers_with_a_stacked_kohya_and_peft_lora(clean, ref, attn_lora, conv_lora, lora_dir):
+    from tiny import nchw
+
+    kohya = to_kohya(attn_lora, lora_dir / "image_kohya.safetensors")
+    latents = np.random.default_rng(5).standard_normal((1, 4, 4, 4)).astype(np.float32)
+    kw = dict(height=32, width=32, num_inference_steps=3, guidance_scale=7.5)
+    plain = clean.generate("a cat", scheduler="ddim", latents=latents, **kw).array
+    clean.load_lora(kohya, scale=0.7, name="k")
+    clean.load_lora(conv_lora, scale=0.5, name="c")
+    ours_images = clean.generate("a cat", scheduler="ddim", latents=latents, **kw).array
+    from diffusers import DDIMScheduler
+
+    ref.scheduler = DDIMScheduler.from_config(ref.scheduler.config)
+    ref.load_lora_weights(str(kohya), adapter_name="k")
+    ref.load_lora_weights(str(conv_lora), adapter_name="c")
+    ref.set_adapters(["k", "c"], [0.7, 0.5])
+    want = ref("a cat", latents=nchw(latents), output_type="np", **kw).images
+    assert np.abs(ours_images - want).max() <= 2 / 255
+    assert np.abs(ours_images - plain).max() > 20 / 255  # the LoRAs change the image far beyond the tolerance
+
+
+def test_torch_pickle_lora_reads_like_safetensors(attn_lora, lora_dir):
+    """A .pt LoRA (kohya keys, torch zip) goes through sd_jax's restricted unpickler: the same adapter."""
+    kohya = to_kohya(attn_lora, lora_dir / "pickled.safetensors")
+    from safetensors.torch import load_file
+
+    torch.save(load_file(kohya), lora_dir / "pickled.pt")
+    want, _ = read_lora(kohya)
+    got, _ = read_lora(lora_dir / "pickled.pt")
+    for component in want:
+        for module, layer in want[component].items():
+            np.testing.assert_array_equal(got[component][module].delta(), layer.delta())
+
+
+def test_hub_ids_offline_without_cache_say_how_to_pass_a_file(monkeypatch, tmp_path):
+    from sd_jax.convert.hub import HubDownloadError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(HubDownloadError, match="not in the local cache"):
+        lora_apply.resolve("someone/some-lora", cache_dir=tmp_path)
+    assert lora_apply.pick_file(["README.md", "pytorch_lora_weights.safetensors", "x.safetensors"], "r") == \
+        "pytorch_lora_weights.safetensors"
+    assert lora_apply.pick_file(["style.safetensors", "sub/y.safetensors"], "r") == "style.safetensors"
+    with pytest.raises(HubDownloadError, match="several"):
+        lora_apply.pick_file(["a.safetensors", "b.safetensors"], "r")
