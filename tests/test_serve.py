@@ -261,8 +261,8 @@ def test_bad_images_size_limit_and_service_survives(server):
 
 def test_queue_full_is_429_with_retry_after(server):
     first = concurrent.futures.ThreadPoolExecutor(1).submit(
-        server.request, "POST", "/sdapi/v1/txt2img", _txt2img("fill", 1, batch_size=16, steps=150))
-    time.sleep(0.5)  # the first 8 images run (150 steps: seconds), 8 wait: 16 more do not fit the queue of 16
+        server.request, "POST", "/sdapi/v1/txt2img", _txt2img("fill", 1, batch_size=16, steps=80))
+    time.sleep(0.5)  # the first 8 images run (80 steps: seconds), 8 wait: 16 more do not fit the queue of 16
     status, answer, headers = server.request("POST", "/sdapi/v1/txt2img", _txt2img("more", 2, batch_size=16))
     assert status == 429 and int(headers["retry-after"]) >= 1, answer
     assert first.result()[0] == 200
@@ -405,6 +405,22 @@ def test_batcher_bad_request_fails_alone_and_cancel_drops():
     with pytest.raises(JobCancelled):
         gone.future.result(10)
     assert all(total == 1 for _, total, _ in calls[-1:])  # the batch was rerun job by job
+    batcher.stop(5)
+
+
+def test_batcher_times_out_queued_jobs():
+    from sd_jax.serve.batcher import JobCancelled
+
+    batcher, calls, gate = _fake_batcher(wait=0.0)
+    first = batcher.submit(_req("first", 1), 30)
+    time.sleep(0.2)  # running, held by the gate
+    late = batcher.submit(_req("late", 2, steps=3), 0.05)
+    time.sleep(0.2)
+    gate.set()
+    assert float(first.future.result(10).array[0, 0, 0, 0]) == 1
+    with pytest.raises(JobCancelled, match="timed out"):
+        late.future.result(10)
+    assert batcher.queued == 0 and len(calls) == 1
     batcher.stop(5)
 
 
