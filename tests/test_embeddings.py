@@ -78,6 +78,11 @@ def test_a1111_and_diffusers_safetensors_layouts(tmp_path):
     one = read_embedding(tmp_path / "learned_embeds.safetensors")
     assert one.token == "<cat-toy>" and one.vectors.shape == (1, WIDTH)
     assert read_embedding(tmp_path / "learned_embeds.bin").token == "<dog>"
+    for dtype in (torch.float16, torch.bfloat16):  # half-precision files come back as float32
+        save_file({"emb_params": v.to(dtype)}, tmp_path / "half.safetensors")
+        half = read_embedding(tmp_path / "half.safetensors")
+        assert half.vectors.dtype == np.float32
+        np.testing.assert_array_equal(half.vectors, v.to(dtype).float().numpy())
 
 
 def test_hostile_and_malformed_files_are_refused(tmp_path):
