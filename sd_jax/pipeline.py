@@ -210,20 +210,10 @@ class StableDiffusion:
     def _request_loras(self, refs: Sequence[Any]):
         """A request's LoRAs merged on top of the loaded ones for its duration; yields their records."""
         stack = self._lora()
-        if not refs:
-            yield stack.records()
-            return
-        names = set(stack.loaded)
-        extra = []
-        for i, ref in enumerate(refs):
-            entry = stack.entry(ref.path, self.params, ref.scale, name=f"request-{i}")
-            entry.name = Path(entry.path).stem
-            while entry.name in names:
-                entry.name += "+"
-            names.add(entry.name)
-            extra.append(entry)
+        extra = stack.entries([(ref.path, ref.scale) for ref in refs], self.params)
         params = self.params
-        self.params = stack.apply(params, extra)
+        if extra:
+            self.params = stack.apply(params, extra)
         try:
             yield stack.records(extra)
         finally:
@@ -423,9 +413,9 @@ class StableDiffusion:
         if request.clip_skip >= layers:
             raise RequestError(("clip_skip", request.clip_skip), f" must be below the text encoder's {layers} "
                                "layers")
-        for lora in request.loras:  # read when the request runs (once per file); here only that it can be found
-            from sd_jax.convert.source import looks_like_hub_id
+        from sd_jax.convert.source import looks_like_hub_id
 
+        for lora in request.loras:  # read when the request runs (once per file); here only that it can be found
             if not Path(lora.path).expanduser().exists() and not looks_like_hub_id(lora.path):
                 raise RequestError(("loras", lora.path[:80]), " does not exist: pass a LoRA .safetensors file or a "
                                    "hub id")

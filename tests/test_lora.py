@@ -461,3 +461,22 @@ def test_hub_ids_offline_without_cache_say_how_to_pass_a_file(monkeypatch, tmp_p
     assert lora_apply.pick_file(["style.safetensors", "sub/y.safetensors"], "r") == "style.safetensors"
     with pytest.raises(HubDownloadError, match="several"):
         lora_apply.pick_file(["a.safetensors", "b.safetensors"], "r")
+
+
+def test_merged_weights_are_base_plus_scaled_delta_in_pytorch_layout(clean, conv_lora, tiny_folder):
+    """What save_pretrained/save_single_file write after load_lora: W + scale * alpha/rank * up @ down, per layer
+    (linear, 1x1 conv stored as linear, 3x3 conv), against the diffusers folder's own weights."""
+    from safetensors.numpy import load_file
+
+    from sd_jax.convert import core
+
+    base = load_file(tiny_folder / "unet" / "diffusion_pytorch_model.safetensors")
+    adapter, _ = read_lora(conv_lora)
+    clean.load_lora(conv_lora, scale=-1.5)
+    merged = core.export_state_dict(clean.params["unet"])
+    kinds = set()
+    for module, layer in adapter["unet"].items():
+        want = base[f"{module}.weight"] + (-1.5) * layer.delta().reshape(base[f"{module}.weight"].shape)
+        np.testing.assert_allclose(merged[f"{module}.weight"].reshape(want.shape), want, rtol=1e-5, atol=1e-6)
+        kinds.add((base[f"{module}.weight"].ndim, layer.down.shape[2:] if layer.down.ndim == 4 else ()))
+    assert {(2, ()), (4, (3, 3)), (4, (1, 1))} <= kinds

@@ -9,6 +9,7 @@ scales are a traced array: changing a scale never recompiles (a new set of adapt
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 import os
@@ -27,6 +28,7 @@ from sd_jax.lora.files import (COMPONENTS, ECHO, TEXT_PREFIX, LoraAdapter, LoraF
 
 Path_ = tuple[str, ...]
 Factors = dict[str, dict[Path_, tuple[jax.Array, jax.Array]]]  # component -> kernel path -> (up, down)
+CACHED_FILES = 16  # LoRA files whose prepared factors a pipeline keeps (requests naming the same files reuse them)
 
 
 @dataclasses.dataclass
@@ -149,34 +151,49 @@ class LoraStack:
     def __init__(self):
         self.loaded: dict[str, LoadedLora] = {}
         self.base: dict[str, dict[Path_, Any]] = {}   # component -> path -> the parameter before any LoRA
-        self._files: dict[tuple[str, int, int], tuple[LoraAdapter, str]] = {}
+        self._files: collections.OrderedDict[tuple[str, int, int], tuple[Factors, str]] = collections.OrderedDict()
 
     # ------------------------------------------------------------------ reading
     def read(self, source: str | os.PathLike, params: Mapping[str, Any], *, weight_name: str | None = None,
-             **hub_options: Any) -> tuple[Path, LoraAdapter, str]:
-        """(file, adapter, short hash) of a LoRA file or hub id; files are read once (cached by path and mtime)."""
+             **hub_options: Any) -> tuple[Path, Factors, str]:
+        """(file, prepared factors, short hash) of a LoRA file or hub id.
+
+        A file is read, checked against the model and hashed once (kept by path, size and mtime).
+        """
         path = resolve(source, weight_name=weight_name, **hub_options)
         stat = path.stat()
         key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
         if key not in self._files:
             names = {c: module_names(params[c], c) for c in COMPONENTS}
             adapter, _ = read_lora(path, names)
-            self._files[key] = (adapter, short_hash(path))
-        adapter, digest = self._files[key]
-        return path, adapter, digest
+            self._files[key] = (prepare(adapter, params, short(os.fspath(source), ECHO)), short_hash(path))
+            while len(self._files) > CACHED_FILES:
+                self._files.popitem(last=False)
+        self._files.move_to_end(key)
+        factors, digest = self._files[key]
+        return path, factors, digest
 
     def entry(self, source: str | os.PathLike, params: Mapping[str, Any], scale: float = 1.0,
-              name: str | None = None, **options: Any) -> LoadedLora:
-        """A :class:`LoadedLora` of a file (not yet part of the stack)."""
-        path, adapter, digest = self.read(source, params, **options)
-        name = name if name is not None else self.free_name(Path(path).stem)
+              name: str | None = None, *, taken: Iterable[str] = (), **options: Any) -> LoadedLora:
+        """A :class:`LoadedLora` of a file (not yet part of the stack); ``name`` defaults to the file's stem,
+        made unique among the loaded adapters and ``taken``."""
+        path, factors, digest = self.read(source, params, **options)
+        name = name if name is not None else self.free_name(Path(path).stem, taken)
         scale = _check_scale(scale, name)
         return LoadedLora(name=name, source=os.fspath(source), path=str(path), scale=scale, hash=digest,
-                          factors=prepare(adapter, params, short(os.fspath(source), ECHO)))
+                          factors=factors)
 
-    def free_name(self, stem: str) -> str:
+    def entries(self, refs: Iterable[tuple[str, float]], params: Mapping[str, Any]) -> list[LoadedLora]:
+        """Entries of ``(source, scale)`` pairs for one use (a request's LoRAs), each with a unique name."""
+        out: list[LoadedLora] = []
+        for source, scale in refs:
+            out.append(self.entry(source, params, scale, taken=[e.name for e in out]))
+        return out
+
+    def free_name(self, stem: str, taken: Iterable[str] = ()) -> str:
+        taken = set(self.loaded) | set(taken)
         name, n = stem, 2
-        while name in self.loaded:
+        while name in taken:
             name, n = f"{stem}-{n}", n + 1
         return name
 
