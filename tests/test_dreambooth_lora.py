@@ -299,6 +299,63 @@ def test_sharded_lora_step_equals_single_device():
     assert down.sharding.spec == P(None, None, "fsdp")
 
 
+def _outputs(unet, unet_params, text_encoder, te_params, x, t, ctx, ids):
+    """(UNet eps NCHW, text encoder hidden states) of sd_jax modules."""
+    eps = np.asarray(unet.apply({"params": unet_params}, x, t, ctx)).transpose(0, 3, 1, 2)
+    return eps, np.asarray(text_encoder.apply({"params": te_params}, ids))
+
+
+def _reference_outputs(ref, x, t, ctx, ids):
+    import torch
+    from tiny import nchw
+
+    with torch.no_grad():
+        eps = ref.unet(nchw(x), torch.from_numpy(t), torch.from_numpy(ctx)).sample.numpy()
+        return eps, ref.text_encoder(torch.from_numpy(ids.astype(np.int64)))[0].numpy()
+
+
+def test_saved_files_load_in_diffusers(tiny_folder, tiny_pipe, tmp_path):
+    """Adapters on every target group (UNet and text encoder, 3x3 convolutions included), written by
+    save_adapters: the PEFT file, loaded by diffusers' load_lora_weights into the starting model, gives the
+    UNet and text encoder outputs of sd_jax's merged weights to 1e-4 of their scale; the kohya file holds
+    the same weight changes."""
+    from tiny import load_reference
+
+    from sd_jax.lora import read_lora
+
+    cfg = TrainConfig.from_dict({"train": {"train_text_encoder": True},
+                                 "lora": {"enabled": True, "rank": RANK, "alpha": ALPHA, "targets": ALL_TARGETS}})
+    adapters, _ = lora.split_params(tiny_pipe.params, cfg)
+    rng = np.random.default_rng(2)  # trained-like adapters: up no longer zero
+    adapters = jax.tree.map(lambda a: (rng.standard_normal(a.shape) * 0.2).astype(np.float32) if not a.any() else a,
+                            adapters)
+    paths = lora.save_adapters(adapters, tmp_path, cfg, steps=7)
+    assert [p.name for p in paths] == [lora.PEFT_FILE, lora.KOHYA_FILE]
+    peft, _ = read_lora(paths[0])
+    kohya, meta = read_lora(paths[1])
+    assert peft["unet"].keys() == kohya["unet"].keys() and "down_blocks.0.resnets.0.conv1" in peft["unet"]
+    assert "text_model.encoder.layers.1.mlp.fc2" in peft["text_encoder"]
+    for component in peft:
+        for name, layer in peft[component].items():
+            np.testing.assert_allclose(layer.delta(), kohya[component][name].delta(), rtol=1e-6, atol=1e-9)
+    assert meta["ss_network_dim"] == str(RANK) and float(meta["ss_network_alpha"]) == ALPHA and meta["ss_steps"] == "7"
+
+    merged = lora.merged_params(tiny_pipe.params, adapters, cfg)
+    x = rng.standard_normal((2, 8, 8, 4)).astype(np.float32)
+    t = np.array([50, 700], np.int32)
+    ids = tiny_pipe.tokenize(["a photo of sks dog", "a dog"])
+    ctx = rng.standard_normal((2, 77, 32)).astype(np.float32)
+    ref = load_reference(tiny_folder)
+    before = _reference_outputs(ref, x, t, ctx, ids)
+    ref.load_lora_weights(tmp_path, weight_name=lora.PEFT_FILE)
+    want = _reference_outputs(ref, x, t, ctx, ids)
+    got = _outputs(tiny_pipe.unet, merged["unet"], tiny_pipe.text_encoder, merged["text_encoder"], x, t, ctx, ids)
+    for name, g, w, b in zip(("unet", "text encoder"), got, want, before):
+        scale = np.abs(w).max()
+        assert np.abs(g - w).max() <= 1e-4 * scale, name
+        assert np.abs(w - b).max() > 1e-2 * scale, f"{name}: the LoRA must change the output to test it"
+
+
 # ------------------------------------------------------------------------------ the trainer
 
 def _pngs(folder, n, color, seed=0):
@@ -314,9 +371,10 @@ def _pngs(folder, n, color, seed=0):
     return folder
 
 
+@pytest.mark.slow  # ~1-5 min: the train step and sampler compiles of the tiny model; the files: test above
 def test_lora_run_files_load_in_diffusers(tiny_folder, tmp_path):
-    """A LoRA run through the trainer (UNet attention + conv adapters, text-encoder adapters, prior
-    preservation, checkpoints, TensorBoard, --merge; samples: the slow test below): final/ holds the PEFT
+    """A LoRA run through the trainer on 8 devices (UNet attention + conv adapters, text-encoder adapters,
+    prior preservation, samples, checkpoints, TensorBoard, --merge): final/ holds the PEFT
     and kohya files, which agree, are small, and which diffusers' load_lora_weights applies to the starting
     model with the UNet and text encoder outputs of sd_jax's merged model (final/, a diffusers folder) to
     1e-4 of their scale."""
@@ -336,11 +394,11 @@ def test_lora_run_files_load_in_diffusers(tiny_folder, tmp_path):
         "data.resolution": 32, "train.max_train_steps": 2, "train.train_text_encoder": True,
         "lora": {"enabled": True, "rank": RANK, "alpha": ALPHA, "targets": ["attention", "conv"]},
         "optim.learning_rate": 1e-2, "checkpoint.every": 1, "checkpoint.merge_lora": True,
-        "logging.log_every": 1})
+        "logging.log_every": 1, "logging.sample_every": 2, "logging.sample_steps": 2})
     result = train(cfg, progress=False)
     final = out / "final"
     assert result.final_dir == final and result.steps == 2 and math.isfinite(result.final_loss)
-    assert list((out / "logs").rglob("events.out.tfevents.*"))
+    assert list((out / "logs").rglob("events.out.tfevents.*")) and len(list((out / "samples").glob("*.png"))) == 1
     assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.isdigit()) == ["1", "2"]
     peft, kohya = final / lora.PEFT_FILE, final / lora.KOHYA_FILE
     unet_file = final / "unet" / "diffusion_pytorch_model.safetensors"

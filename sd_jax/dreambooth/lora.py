@@ -84,7 +84,7 @@ def init_adapters(component: str, params: Mapping[str, Any], groups: tuple[str, 
     paths = target_paths(component, params, groups)
     if not paths:
         raise ValueError(f"lora targets {list(groups)} match no layer of the {component.replace('_', ' ')}")
-    rng = np.random.default_rng([seed, 0x10A, len(component)])
+    rng = np.random.default_rng([seed, 0x10A, ("unet", "text_encoder").index(component)])
     out = {}
     for path in paths:
         shape = tuple(flat[path].shape)  # arrays or ShapeDtypeStructs (an estimate allocates nothing)
