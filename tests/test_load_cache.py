@@ -27,6 +27,7 @@ def shape_cache(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SD_JAX_COMPILATION_CACHE", str(folder / "jax"))
         mp.setenv("SD_JAX_CACHE", "0")  # each test names its converted-layout cache
+        mp.setattr(converted_cache, "RACY_SECONDS", 0.0)  # remember digests of files seconds old
         yield folder
 
 
@@ -56,7 +57,9 @@ def assert_same_params(a, b) -> None:
 def load(folder, cache, **kw):
     with warnings.catch_warnings():
         warnings.simplefilter("error", converted_cache.ConvertedCacheWarning)
-        return StableDiffusion.from_pretrained(folder, cache=cache, safety_checker=False, **kw)
+        pipe = StableDiffusion.from_pretrained(folder, cache=cache, safety_checker=False, **kw)
+        converted_cache.wait_for_writes()
+        return pipe
 
 
 def test_warm_load_is_bit_identical_and_maps_the_entry(model, tmp_path):
@@ -95,14 +98,13 @@ def test_dtype_is_part_of_the_key(model, tmp_path):
     assert len(entries(tmp_path)) == 2
 
 
-def test_modified_file_with_same_size_and_mtime_is_not_served_stale(model, tmp_path, monkeypatch):
+def test_modified_file_with_same_size_and_mtime_is_not_served_stale(model, tmp_path):
     """A weight changed in place, size kept and mtime put back: the ctime in the digest key notices."""
     import shutil
 
     folder = tmp_path / "model"
     shutil.copytree(model, folder)
     weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
-    monkeypatch.setattr(converted_cache, "RACY_SECONDS", 0.0)  # remember digests of files this fresh
     cold = load(folder, tmp_path / "cache")
     index = json.loads((tmp_path / "cache" / "digests.json").read_text())
     assert str(weights.resolve()) in index  # the digest was remembered, so the next check is by stat
@@ -127,6 +129,7 @@ def test_truncated_entry_is_rebuilt_with_a_warning(model, tmp_path):
         f.truncate(size - 100)
     with pytest.warns(converted_cache.ConvertedCacheWarning, match="unusable") as record:
         again = StableDiffusion.from_pretrained(model, cache=tmp_path, safety_checker=False)
+        converted_cache.wait_for_writes()
     assert len(record) == 1 and len(str(record[0].message).splitlines()) == 1
     assert_same_params(cold, again)
     assert [p.stat().st_size for p in entries(tmp_path)] == [size]  # rebuilt whole
@@ -141,6 +144,7 @@ def test_corrupt_data_is_caught_by_the_checksum_when_verifying(model, tmp_path, 
     monkeypatch.setenv("SD_JAX_CACHE_VERIFY", "1")
     with pytest.warns(converted_cache.ConvertedCacheWarning, match="checksum"):
         again = StableDiffusion.from_pretrained(model, cache=tmp_path, safety_checker=False)
+        converted_cache.wait_for_writes()
     assert_same_params(cold, again)
 
 
@@ -149,9 +153,11 @@ def test_an_entry_for_another_key_is_not_used(model, tmp_path):
     [entry] = entries(tmp_path)
     other = converted_cache.entry_for(model, cache=tmp_path, variant=None, use_ema=True, config=None,
                                       dtype=np.dtype("float16"))
+    assert other.key is not None  # the digests were remembered by the first load
     entry.rename(other.path)  # a float32 entry under the float16 key
     with pytest.warns(converted_cache.ConvertedCacheWarning, match="another key"):
         pipe = StableDiffusion.from_pretrained(model, dtype="float16", cache=tmp_path, safety_checker=False)
+        converted_cache.wait_for_writes()
     assert pipe.params["unet"]["conv_in"]["kernel"].dtype == jax.numpy.float16
 
 
@@ -183,6 +189,7 @@ def test_write_failure_only_warns(model, tmp_path, monkeypatch):
     monkeypatch.setattr(converted_cache, "save_safetensors", disk_full)
     with pytest.warns(converted_cache.ConvertedCacheWarning, match="No space left"):
         pipe = StableDiffusion.from_pretrained(model, cache=tmp_path, safety_checker=False)
+        converted_cache.wait_for_writes()
     assert entries(tmp_path) == []
     assert_same_params(pipe, load(model, False))
 
@@ -212,3 +219,26 @@ def test_aligned_safetensors_stay_standard(tmp_path):
         assert ours[name].ctypes.data % 64 == 0
     official = load_file(tmp_path / "x.safetensors")
     assert {k for k in official if not k.startswith("__padding_")} == set(tensors)
+
+
+def _rss_file_kib() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("RssFile:"))
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
+def test_converted_source_pages_are_released_and_still_read_right(tmp_path):
+    """The cold path's peak memory: a tensor's mapped source pages leave the process once copied."""
+    from sd_jax.convert.safetensors_io import release_pages
+
+    expected = np.arange(1 << 24, dtype=np.float32).reshape(4096, 4096)  # 64 MiB
+    save_safetensors(tmp_path / "w.safetensors", {"w": expected})
+    tensors, _ = load_safetensors(tmp_path / "w.safetensors")
+    view = tensors["w"].T  # as the converter sees a linear weight
+    before = _rss_file_kib()
+    assert float(view[::64].sum()) > 0  # touch every page
+    touched = _rss_file_kib()
+    release_pages(view)
+    released = _rss_file_kib()
+    assert touched - before > 48 << 10 and touched - released > 48 << 10, (before, touched, released)
+    np.testing.assert_array_equal(tensors["w"], expected)  # read back from the file

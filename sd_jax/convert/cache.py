@@ -21,15 +21,21 @@ The key. A SHA-256 over: the absolute source path; for each file that is read (a
 ``config=`` override's files) its name, size and full-content SHA-256; the options; the storage
 dtype; and a digest of sd_jax's converter and model source. Hashing a 4 GB model costs seconds, so
 each file's digest is remembered in ``<cache>/digests.json`` under its (device, inode, size,
-mtime_ns, ctime_ns). Any write to a file, and restoring its mtime with ``utime`` too, changes its
-ctime, which no user call can set back: a changed file is hashed again, never served stale. As
-git does for its index, a digest is not remembered while the file's times are within
-``RACY_SECONDS`` of the hashing (a write in the same clock tick could keep all the times equal).
+mtime_ns, ctime_ns), and a lookup uses remembered digests only: a file without one (new, or
+changed since) makes the load a miss, and is hashed by the thread that writes the entry. Any write
+to a file, and restoring its mtime with ``utime`` too, changes its ctime, which no user call can
+set back: a changed file is hashed again, never served stale. As git does for its index, a digest
+is not remembered while the file's times are within ``RACY_SECONDS`` of the hashing (a write in
+the same clock tick could keep all the times equal).
 
-Integrity. Entries are written to a temporary name, fsynced and renamed, so a reader sees a whole
-entry or none; two processes converting the same model both write and the last rename wins (the
-entries are identical). On a hit the header is parsed and checked against the file's size (a
-truncated entry fails), the key stored inside must equal the one looked up, and every tensor must
+Writing. A cold load returns as soon as its parameters are converted; a background thread (not a
+daemon: the interpreter waits for it at exit; ``wait_for_writes()`` waits for it sooner) hashes,
+checks that no source file changed since it was read, and writes. Entries are written to a
+temporary name, fsynced and renamed, so a reader sees a whole entry or none; two processes
+converting the same model both write and the last rename wins (the entries are identical).
+
+Integrity. On a hit the header is parsed and checked against the file's size (a truncated
+entry fails), the key stored inside must equal the one looked up, and every tensor must
 match the model's parameter shapes and dtype. Each tensor's 64-bit word sum is stored too and is
 checked with ``SD_JAX_CACHE_VERIFY=1`` (it reads every page, which a default warm load does not).
 A bad entry is removed (it is ours) and rebuilt with one warning line; a cache that cannot be
@@ -50,6 +56,7 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 import time
 import uuid
 import warnings
@@ -159,6 +166,11 @@ class DigestIndex:
         except (OSError, ValueError):
             pass  # no index yet, or an unreadable one: digests are computed again
 
+    def known(self, path: Path) -> str | None:
+        """The remembered digest if the file is provably unchanged since it was hashed, else None."""
+        known = self.entries.get(str(path))
+        return known[5] if known is not None and known[:5] == _stat_key(os.stat(path)) else None
+
     def digest(self, path: Path) -> str:
         """The file's SHA-256, from the index when the file is provably unchanged since."""
         key = str(path)
@@ -210,13 +222,32 @@ def source_files(source: Path, *, variant: str | None, config: str | os.PathLike
     return [f for f in files if f.is_file()]
 
 
+_pending: dict[str, threading.Thread] = {}  # key (or source path) -> the thread writing that entry
+_pending_lock = threading.Lock()
+
+
+def wait_for_writes(timeout: float | None = None) -> None:
+    """Wait until every entry this process is writing is written (or given up with a warning)."""
+    with _pending_lock:
+        threads = list(_pending.values())
+    for thread in threads:
+        thread.join(timeout)
+
+
 @dataclasses.dataclass
 class Entry:
-    """One model's place in the cache: its key and file, before it is known to exist."""
+    """One model's place in the cache, before it is known to exist.
+
+    ``key`` is None when a source file's digest is not remembered yet: that is a miss (hashing
+    gigabytes to look up would slow the first load), and the digests are computed when the
+    entry is written, in the background.
+    """
 
     folder: Path
-    key: str
-    watched: dict[Path, list[int]]  # the source files' stat keys when hashed: a change since means no write
+    source: Path
+    material: dict[str, Any]        # what the key is made of, besides the files
+    watched: dict[Path, list[int]]  # every source file's stat key when looked up: a change since means no write
+    key: str | None
 
     @property
     def path(self) -> Path:
@@ -225,6 +256,12 @@ class Entry:
     # ------------------------------------------------------------------ reading
     def load(self) -> tuple[ModelFiles, dict[str, dict[tuple[str, ...], np.ndarray]]] | None:
         """(ModelFiles without states, {component: {param path: mapped array}}), or None on a miss."""
+        if self.key is None:
+            return None
+        with _pending_lock:
+            writing = _pending.get(self.key) or _pending.get(str(self.source))
+        if writing is not None:
+            writing.join()  # this process is writing this entry: use it once it is whole
         if not self.path.is_file():
             return None
         try:
@@ -232,7 +269,7 @@ class Entry:
             meta = json.loads(metadata.get(_META_KEY, "null"))
             if not isinstance(meta, dict) or meta.get("key") != self.key:
                 raise ValueError("it was written for another key")
-            self._check_size(tensors)
+            self._check_size()
             if os.environ.get("SD_JAX_CACHE_VERIFY") == "1":
                 self._verify(tensors, meta.get("sums", {}))
             files = _model_files_from(meta)
@@ -249,12 +286,12 @@ class Entry:
             pass
         return files, params
 
-    def _check_size(self, tensors: Mapping[str, np.ndarray]) -> None:
+    def _check_size(self) -> None:
         """The file must end where its last tensor does: a truncated or extended file is not ours."""
         size = self.path.stat().st_size
         with open(self.path, "rb") as f:
             header_len = int.from_bytes(f.read(8), "little")
-        declared = json.loads(_read_header(self.path, header_len))
+            declared = json.loads(f.read(header_len))
         data = max((e["data_offsets"][1] for k, e in declared.items() if k != "__metadata__"), default=0)
         if size != 8 + header_len + data:
             raise ValueError(f"it is {size} bytes, its header describes {8 + header_len + data}")
@@ -274,29 +311,53 @@ class Entry:
             pass
 
     # ------------------------------------------------------------------ writing
-    def store(self, files: ModelFiles, params: Mapping[str, Mapping[str, Any]]) -> bool:
-        """Write the converted parameters (numpy trees per component); False (with a warning) if not."""
-        if any(_stat_key(os.stat(p)) != st for p, st in self.watched.items() if p.exists()):
-            _warn("a source file changed while the model was loading; not caching this conversion")
-            return False
+    def store(self, files: ModelFiles, params: Mapping[str, Mapping[str, Any]]) -> threading.Thread | None:
+        """Write the converted parameters (numpy trees per component) in a background thread.
+
+        The load returns at once; the thread (not a daemon: the interpreter waits for it at
+        exit) hashes the source files whose digests are not known, checks that no source file
+        changed since it was read, and writes the entry. Every failure is a warning.
+        """
         try:
             meta = _describe(files)
         except ValueError as err:
-            log_skip = short_error(err, 160)
-            _warn(f"not caching this model: {log_skip}")
-            return False
+            _warn(f"not caching this model: {short_error(err, 160)}")
+            return None
         from sd_jax.convert.core import flatten_tree
 
         tensors = {"/".join((name, *path)): np.asarray(leaf)
                    for name in MODEL_KEYS for path, leaf in flatten_tree(params[name]).items()}
-        meta.update(key=self.key, sums={name: word_sum(a) for name, a in tensors.items()})
+        name = self.key or str(self.source)
+        thread = threading.Thread(target=self._write, args=(tensors, meta, name),
+                                  name=f"sd_jax-cache-{name[:12]}", daemon=False)
+        with _pending_lock:
+            _pending[name] = thread
+        thread.start()
+        return thread
+
+    def _write(self, tensors: dict[str, np.ndarray], meta: dict[str, Any], name: str) -> None:
+        try:
+            self._write_entry(tensors, meta)
+        except Exception as err:  # noqa: BLE001  (a cache must never break a load)
+            _warn(f"could not write the converted-layout cache ({type(err).__name__}: {short_error(err, 120)})")
+        finally:
+            with _pending_lock:
+                _pending.pop(name, None)
+
+    def _write_entry(self, tensors: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
         nbytes = sum(a.nbytes for a in tensors.values())
         cap = max_bytes()
         if nbytes > cap:
             _warn(f"not caching this model: {nbytes / 1e9:.2f} GB is above SD_JAX_CACHE_MAX_GB={cap / 1e9:g}")
-            return False
+            return
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
+            if self.key is None:
+                self.key = _key(self.material, self.watched, DigestIndex(self.folder), self.source)
+            if any(_stat_key(os.stat(p)) != st for p, st in self.watched.items()):
+                _warn("a source file changed while the model was loading; not caching this conversion")
+                return
+            meta.update(key=self.key, sums={name: word_sum(a) for name, a in tensors.items()})
             free = shutil.disk_usage(self.folder).free
             if free < nbytes + (256 << 20):
                 raise OSError(f"{free / 1e9:.2f} GB free, {nbytes / 1e9:.2f} GB needed")
@@ -304,9 +365,21 @@ class Entry:
         except OSError as err:
             _warn(f"could not write the converted-layout cache in {short(str(self.folder), 120)} "
                   f"({short_error(err, 120)}); the next load converts again")
-            return False
+            return
         trim(self.folder, cap, keep=self.path)
-        return True
+
+
+def _key(material: Mapping[str, Any], watched: Mapping[Path, list[int]], index: DigestIndex, source: Path,
+         known_only: bool = False) -> str | None:
+    """The entry's key: the material and each file's name, size and SHA-256 (None if one is unknown)."""
+    described = []
+    for file, st in watched.items():
+        digest = index.known(file) if known_only else index.digest(file)
+        if digest is None:
+            return None
+        described.append([os.path.relpath(file, source if source.is_dir() else source.parent), st[2], digest])
+    index.save()
+    return hashlib.sha256(json.dumps({**material, "files": described}, sort_keys=True).encode()).hexdigest()
 
 
 def entry_for(source: str | os.PathLike, *, cache: bool | str | os.PathLike | None, variant: str | None,
@@ -317,19 +390,14 @@ def entry_for(source: str | os.PathLike, *, cache: bool | str | os.PathLike | No
     if folder is None or not path.exists():
         return None
     path = path.resolve()
-    index = DigestIndex(folder)
-    files = source_files(path, variant=variant, config=config)
-    watched = {f: _stat_key(os.stat(f)) for f in files}
-    described = [[os.path.relpath(f, path if path.is_dir() else path.parent), os.stat(f).st_size, index.digest(f)]
-                 for f in files]
-    index.save()
+    watched = {f: _stat_key(os.stat(f)) for f in source_files(path, variant=variant, config=config)}
     material = {
-        "code": code_digest(), "source": str(path), "files": described, "dtype": np.dtype(dtype).name,
+        "code": code_digest(), "source": str(path), "dtype": np.dtype(dtype).name,
         "variant": variant if path.is_dir() else None, "use_ema": None if path.is_dir() else bool(use_ema),
         "config": None if config is None else str(Path(config).expanduser().resolve()),
     }
-    key = hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
-    return Entry(folder, key, watched)
+    key = _key(material, watched, DigestIndex(folder), path, known_only=True)
+    return Entry(folder, path, material, watched, key)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -381,12 +449,6 @@ def word_sum(array: np.ndarray) -> str:
     tail = bytes(raw[whole:]) + b"\0" * (-(raw.size - whole) % 8) if raw.size > whole else b""
     total = (total + (int.from_bytes(tail, "little") if tail else 0)) % 2**64
     return f"{total:016x}"
-
-
-def _read_header(path: Path, header_len: int) -> bytes:
-    with open(path, "rb") as f:
-        f.seek(8)
-        return f.read(header_len)
 
 
 def _write_text_atomically(path: Path, text: str) -> None:

@@ -248,10 +248,14 @@ def _materialise(views: Mapping[tuple[str, ...], tuple[np.ndarray, Any]]
     """
     from concurrent.futures import ThreadPoolExecutor
 
+    from sd_jax.convert.safetensors_io import release_pages
+
     def one(item):
         path, (view, dtype) = item
         out = aligned_empty(view.shape, dtype)
-        return path, (out, _copy_relayout(out, view))
+        finite = _copy_relayout(out, view)
+        release_pages(view)  # the source's pages, when it is a mapped file: peak memory 1x the weights, not 2x
+        return path, (out, finite)
 
     items = sorted(views.items(), key=lambda kv: -kv[1][0].size)  # biggest first: balanced workers
     workers = max(1, min(8, os.cpu_count() or 1))

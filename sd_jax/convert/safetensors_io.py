@@ -155,6 +155,45 @@ def _read_prefix(path: str | os.PathLike, file_size: int) -> tuple[int, bytes]:
         return header_len, f.read(header_len)
 
 
+class _FileMap(mmap.mmap):
+    """A read-only shared mapping of a whole weight file; its pages can be dropped and re-read at will."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        probe = np.frombuffer(self, np.uint8)
+        self.address = probe.ctypes.data
+        del probe
+
+
+def release_pages(array: np.ndarray) -> None:
+    """Drop the whole pages under ``array`` from this process's memory, if it views a file this module mapped.
+
+    A converter calls this once it has copied a tensor, so a load holds the converted weights and
+    not, besides them, every page of the source file it touched (peak memory 1x, not 2x). It is
+    safe at any time: the mapping is read-only and shared, so a page touched again is read back
+    from the file (page cache). Arrays that view anything else are left alone.
+    """
+    base = array
+    while base is not None and not isinstance(base, memoryview):
+        base = getattr(base, "base", None)
+    if base is None or not isinstance(base.obj, _FileMap) or not array.size:
+        return
+    mapping = base.obj
+    low, high = _byte_bounds(array)
+    page = mmap.PAGESIZE
+    first = -(-(low - mapping.address) // page) * page  # whole pages only: a neighbour may share the edges
+    last = (high - mapping.address) // page * page
+    if last > first:
+        mapping.madvise(mmap.MADV_DONTNEED, first, last - first)
+
+
+def _byte_bounds(array: np.ndarray) -> tuple[int, int]:
+    try:
+        from numpy.lib.array_utils import byte_bounds
+    except ImportError:  # numpy < 2
+        byte_bounds = np.byte_bounds
+    return byte_bounds(array)
+
+
 PADDING_PREFIX = "__padding_"  # names of the filler tensors an aligned file holds (see save_safetensors)
 
 
@@ -180,7 +219,10 @@ def load_safetensors(
     if not entries:
         return {}, metadata
     with open(path, "rb") as f:
-        buffer = memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY if private else mmap.ACCESS_READ))
+        if private:
+            buffer = memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY))
+        else:
+            buffer = memoryview(_FileMap(f.fileno(), 0, access=mmap.ACCESS_READ))
     tensors = {}
     for name, (dtype, shape, begin, end) in entries.items():
         if name.startswith(PADDING_PREFIX) and dtype == np.uint8:
