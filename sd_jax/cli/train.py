@@ -168,7 +168,16 @@ def run(args: Any) -> Any:
     if result.complete:
         print(f"{result.output_dir} is already complete (step {result.steps} of {result.steps}); final/ is left as "
               "it is. Raise --max-train-steps to train further.")
-    print(f"final model: {result.final_dir}" + (f"; single file: {result.single_file}" if result.single_file else ""))
+    if config.lora.enabled and result.final_dir is not None:
+        from sd_jax.dreambooth.lora import KOHYA_FILE, PEFT_FILE
+
+        print(f"LoRA: {result.final_dir / PEFT_FILE} (diffusers, PEFT), {result.final_dir / KOHYA_FILE} "
+              "(AUTOMATIC1111, ComfyUI)")
+    if not config.lora.enabled or config.checkpoint.merge_lora:
+        print(f"final model: {result.final_dir}" + (f"; single file: {result.single_file}" if result.single_file
+                                                     else ""))
+    elif result.single_file:
+        print(f"merged single file: {result.single_file}")
     return result
 
 
