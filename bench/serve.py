@@ -68,6 +68,8 @@ def start_server(args: argparse.Namespace, model: str, port: int) -> subprocess.
     cmd = [sys.executable, "-m", "sd_jax.serve", "--model", model, "--port", str(port), "--max-batch",
            str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms), "--queue-size",
            str(max(256, 2 * max(args.concurrency))), "--warmup", f"{args.size}x{args.size}:{args.sampler}"]
+    if args.batch_sizes:
+        cmd += ["--batch-sizes", args.batch_sizes]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=sys.stderr, stderr=sys.stderr)
     deadline = time.monotonic() + args.start_timeout_s
     while time.monotonic() < deadline:
@@ -129,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16])
     p.add_argument("--max-batch", type=int, default=8)
     p.add_argument("--max-wait-ms", type=float, default=50.0)
+    p.add_argument("--batch-sizes", help="the server's --batch-sizes (default: powers of 2 up to --max-batch)")
     p.add_argument("--start-timeout-s", type=float, default=1800.0)
     p.add_argument("--json", type=Path, help="also write the rows here")
     args = p.parse_args(argv)
@@ -160,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     base = rows[-1]["images_per_s"]
     print(f"\nsd_jax serve: {'tiny model' if args.tiny else args.model}, {args.size}x{args.size}, {args.steps} steps "
           f"{args.sampler}, CFG 7, --max-batch {args.max_batch}, --max-wait-ms {args.max_wait_ms:g}, "
+          f"--batch-sizes {args.batch_sizes or 'default'}, "
           f"{args.requests} requests per row; {machine()}\n")
     print("| mode | concurrency | images/s | p50 latency s | p95 latency s | images per batch | vs sequential |")
     print("|---|---|---|---|---|---|---|")
