@@ -215,26 +215,32 @@ def aligned_empty(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
     return raw[offset:offset + nbytes].view(dtype).reshape(shape)
 
 
-# Output columns per pass of a transposing copy: the output's last axis is the PyTorch tensor's
-# first (O of OIHW, out of (out, in)), so a block of columns reads a few contiguous source rows,
-# which stay in cache. 1.8x (3x3 convs) to 3x ((out, in) linears) faster than one strided copy.
-_COLUMN_BLOCK = 16
+# Tile side of a transposing copy: the re-laid-out weights swap their last two axes against the
+# source's memory order ((I, O) from (O, I); (kh, kw, I, O) from (O, I, kh, kw)), so the copy goes
+# tile by tile over those two axes and each tile's source rows and destination rows stay in cache.
+# Measured on the 2-core CPU against the previous 16-column blocks: 2.0x faster for a 1280x1280
+# 3x3 conv (71 vs 145 ms), 1.9x for a 5120x1280 linear (25 vs 48 ms) (tiles of 64 and 256 were
+# slower), 1.25x over all 282 kernels of the v1.4 UNet (5.2 vs 6.6 s, 3.2 GiB, alternated runs),
+# where faulting in the fresh output pages now costs more than the copy.
+_TILE = 128
 
 
 def _copy_relayout(out: np.ndarray, view: np.ndarray) -> bool:
-    """``out[...] = view`` (cast to out's dtype), blocked over columns when view is a transpose.
+    """``out[...] = view`` (cast to out's dtype), tiled over the last two axes when view is a transpose.
 
     Returns whether every value written is finite: one contiguous vectorised sum over ``out``
     (a NaN or inf anywhere makes it non-finite), measured at ~12% of the copy's time; a check per
-    column block reads strided memory and cost 60%.
+    tile reads strided memory and costs more.
     """
     with np.errstate(over="ignore"):  # a value past the target dtype's range becomes inf, reported below
         if view.ndim < 2 or view.flags.c_contiguous:
             np.copyto(out, view, casting="unsafe")
         else:
-            for start in range(0, view.shape[-1], _COLUMN_BLOCK):
-                np.copyto(out[..., start:start + _COLUMN_BLOCK], view[..., start:start + _COLUMN_BLOCK],
-                          casting="unsafe")
+            rows, cols = view.shape[-2:]
+            for r in range(0, rows, _TILE):
+                for c in range(0, cols, _TILE):
+                    np.copyto(out[..., r:r + _TILE, c:c + _TILE], view[..., r:r + _TILE, c:c + _TILE],
+                              casting="unsafe")
     return all_finite(out)
 
 
