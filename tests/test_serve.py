@@ -172,6 +172,35 @@ def test_webuiapi_img2img(server):
     assert np.abs(np.asarray(out.images[0], float) - np.asarray(txt.images[0], float)).mean() > 2
 
 
+def test_img2img_mask_options_we_do_not_implement_are_422(server):
+    init = base64.b64encode(Image.new("RGB", (SIZE, SIZE), (200, 10, 10))._repr_png_()).decode()
+    mask = base64.b64encode(Image.new("L", (SIZE, SIZE), 255)._repr_png_()).decode()
+    body = {**_txt2img("x", 1), "init_images": [init], "mask": mask}
+    status, answer, _ = server.request("POST", "/sdapi/v1/img2img", {**body, "inpaint_full_res": True})
+    assert status == 422 and answer["field"] == "inpaint_full_res"
+    status, answer, _ = server.request("POST", "/sdapi/v1/img2img", {**body, "inpaint_full_res": False,
+                                                                     "inpainting_fill": 0})
+    assert status == 422 and answer["field"] == "inpainting_fill"
+    status, answer, _ = server.request("POST", "/sdapi/v1/img2img", {**body, "init_images": [init] * 3,
+                                                                     "batch_size": 2})
+    assert status == 422 and answer["field"] == "init_images"
+
+
+@pytest.mark.slow  # compiles the masked ("blend") sampling loop: a minute on a loaded CPU
+def test_webuiapi_inpainting_keeps_the_unmasked_area(server):
+    api = server.webui()
+    rng = np.random.default_rng(1)
+    init = Image.fromarray(rng.integers(0, 255, (SIZE, SIZE, 3), dtype=np.uint8))
+    mask = np.zeros((SIZE, SIZE), np.uint8)
+    mask[:, SIZE // 2:] = 255  # repaint the right half
+    out = api.img2img(images=[init], mask_image=Image.fromarray(mask), prompt="a wall", seed=5, steps=STEPS,
+                      width=SIZE, height=SIZE, denoising_strength=1.0, inpainting_fill=1, inpaint_full_res=False,
+                      mask_blur=0)
+    got, want = np.asarray(out.images[0], np.float32), np.asarray(init, np.float32)
+    assert np.abs(got[:, : SIZE // 2] - want[:, : SIZE // 2]).max() <= 1  # A1111's overlay: the init image kept
+    assert np.abs(got[:, SIZE // 2:] - want[:, SIZE // 2:]).mean() > 10
+
+
 # ----------------------------------------------------------------------------- batching
 
 
