@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from sd_jax.limits import short
+from sd_jax.limits import short, short_path
 
 MAX_EMBEDDING_BYTES = 64 << 20   # a 75-vector 1024-wide float32 embedding is 300 KB
 MAX_VECTORS = 75                 # one A1111 chunk
@@ -130,8 +130,8 @@ def add_embedding(pipe: Any, embedding: Embedding) -> list[int]:
     width = pipe.text_encoder.config.hidden_size
     n, got = embedding.vectors.shape
     if got != width:
-        raise ValueError(f"embedding {short(embedding.path)} has {got}-wide vectors but this model's text encoder is "
-                         f"{width} wide (an embedding for {_family(got)} on {_family(width)})")
+        raise ValueError(f"embedding {short_path(embedding.path)} has {got}-wide vectors but this model's text "
+                         f"encoder is {width} wide (an embedding for {_family(got)} on {_family(width)})")
     ids = pipe.tokenizer.add_embedding_tokens(embedding.token, n)
     table_params = pipe.params["text_encoder"]["embeddings"]["token_embedding"]
     table = table_params["embedding"]  # (vocab, width)

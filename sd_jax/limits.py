@@ -95,6 +95,14 @@ def short(value: Any, limit: int = ECHO_CHARS) -> str:
     return text if len(text) <= limit else text[: max(0, limit - 3)] + "..."
 
 
+def short_path(path: Any, limit: int = ECHO_CHARS) -> str:
+    """A file path quoted, at most ``limit`` characters: a long one keeps its end (the file's name)."""
+    text = str(path)
+    if len(text) > limit:
+        text = "..." + text[-(limit - 3):]
+    return repr(text)
+
+
 def _short_into(value: Any, parts: list[str], budget: list[int], depth: int) -> None:
     """Append pieces of value's text to parts while budget[0] (characters left) is positive."""
     if budget[0] <= 0:

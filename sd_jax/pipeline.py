@@ -32,6 +32,7 @@ from sd_jax.models.unet import UNet2DConditionModel
 from sd_jax.models.vae import AutoencoderKL
 from sd_jax.request import GenerationRequest, RequestError
 from sd_jax import shape_cache
+from sd_jax.limits import short_path
 from sd_jax.safety import load_safety_checker
 from sd_jax.schedulers import (NoiseScheduleConfig, get_scheduler, pad_schedule, schedule_length,
                                scheduler_name_for_config)
@@ -417,8 +418,8 @@ class StableDiffusion:
 
         for lora in request.loras:  # read when the request runs (once per file); here only that it can be found
             if not Path(lora.path).expanduser().exists() and not looks_like_hub_id(lora.path):
-                raise RequestError(("loras", lora.path[:80]), " does not exist: pass a LoRA .safetensors file or a "
-                                   "hub id")
+                raise RequestError(("loras", short_path(lora.path)),
+                                   " does not exist: pass a LoRA .safetensors file or a hub id")
         mesh = mesh if mesh is not None else sharding.sampling_mesh()
         devices = list(mesh.devices.flat)
         batch = _padded_batch(request, mesh.size)

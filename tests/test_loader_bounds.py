@@ -276,3 +276,12 @@ def test_deep_safetensors_header_is_refused(tmp_path: Path) -> None:
     path.write_bytes(len(header).to_bytes(8, "little") + header)
     with pytest.raises(CheckpointFormatError, match=r"deep\.safetensors: safetensors header: JSON nested 5001 deep"):
         read_state_dict(path)
+
+
+def test_short_path_keeps_the_file_name_of_a_long_path():
+    from sd_jax.limits import ECHO_CHARS, short_path
+
+    long = "/tmp/" + "d" * 300 + "/style-lora.safetensors"
+    text = short_path(long)
+    assert len(text) <= ECHO_CHARS + 2 and text.endswith("style-lora.safetensors'") and text.startswith("'...")
+    assert short_path("a.pt") == "'a.pt'"
