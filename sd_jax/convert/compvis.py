@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from sd_jax.convert import limits
-from sd_jax.convert.core import WeightMismatchError, _listing
+from sd_jax.convert.core import WeightMismatchError, listing
 from sd_jax.convert.files import read_weight_file
 from sd_jax.convert.model_files import ModelFiles, read_config
 from sd_jax.models.clip import CLIPTextConfig
@@ -196,7 +196,7 @@ def rename_keys(state: Mapping[str, np.ndarray], table: list[tuple[str, str, str
         layout = "CompVis" if to_diffusers else "diffusers"
         raise WeightMismatchError(
             f"the {what} weights have names that do not fit the {what} configuration ({layout} layout)\n"
-            + _listing("not recognised", unknown)
+            + listing("not recognised", unknown)
             + "\ncheck that the configuration (config= or the detected architecture) belongs to these weights")
     return out
 
@@ -289,7 +289,7 @@ def open_clip_from_compvis(state: Mapping[str, np.ndarray], num_layers: int
             unknown.append(key)
     if unknown:
         raise WeightMismatchError("the OpenCLIP text encoder has names sd_jax does not know\n"
-                                  + _listing("not recognised", unknown))
+                                  + listing("not recognised", unknown))
     return out, dropped
 
 
@@ -355,7 +355,7 @@ def select_unet_weights(parts: CompVisParts, use_ema: bool, notes: list[str]) ->
     if missing:
         raise WeightMismatchError(
             f"the file has {len(parts.ema)} EMA weights but no EMA copy of some UNet weights\n"
-            + _listing("UNet weights without model_ema.* copies", missing)
+            + listing("UNet weights without model_ema.* copies", missing)
             + "\npass use_ema=False (--no-ema) to load the raw UNet weights")
     used = {ema_name(key) for key in parts.unet}
     spare = [key for key in parts.ema if key not in used]
@@ -715,7 +715,7 @@ def compvis_to_diffusers(state: Mapping[str, np.ndarray], arch: Architecture | N
     parts = split_components(state)
     if parts.unknown:
         raise WeightMismatchError(f"{path}: entries that are not part of an SD model\n"
-                                  + _listing("not recognised", parts.unknown)
+                                  + listing("not recognised", parts.unknown)
                                   + "\n(expected model.diffusion_model.*, first_stage_model.*, "
                                     "cond_stage_model.*, model_ema.* and schedule buffers)")
     if parts.ignored:

@@ -100,7 +100,7 @@ def flax_to_torch_array(array: np.ndarray, leaf: str) -> np.ndarray:
     return np.ascontiguousarray(array)
 
 
-def _listing(title: str, names: Iterable[str], limit: int = 25) -> str:
+def listing(title: str, names: Iterable[str], limit: int = 25) -> str:
     """A bulleted list of at most ``limit`` names with a count of the rest."""
     names = sorted(names)
     lines = [f"{title} ({len(names)}):"] + [f"  - {n[:ECHO_NAME]}" for n in names[:limit]]
@@ -146,11 +146,11 @@ def load_state_dict(target: Mapping[str, Any], state: Mapping[str, np.ndarray], 
     if missing or unexpected or bad_shapes:
         parts = [f"the {what} weights do not match the {what} configuration"]
         if bad_shapes:
-            parts.append(_listing("shape mismatches", bad_shapes))
+            parts.append(listing("shape mismatches", bad_shapes))
         if missing:
-            parts.append(_listing("missing from the file", missing))
+            parts.append(listing("missing from the file", missing))
         if unexpected:
-            parts.append(_listing("in the file but not in the model", unexpected))
+            parts.append(listing("in the file but not in the model", unexpected))
         parts.append("check that the config.json (or the detected architecture) belongs to these weights")
         raise WeightMismatchError("\n".join(parts))
     arrays, non_finite = _materialise(views)
@@ -175,11 +175,11 @@ def adopt_tree(target: Mapping[str, Any], flat: Mapping[tuple[str, ...], np.ndar
     if missing or unexpected or bad:
         parts = [f"the converted {what} parameters do not match the {what} model"]
         if bad:
-            parts.append(_listing("shape or dtype mismatches", bad))
+            parts.append(listing("shape or dtype mismatches", bad))
         if missing:
-            parts.append(_listing("missing", ["/".join(p) for p in missing]))
+            parts.append(listing("missing", ["/".join(p) for p in missing]))
         if unexpected:
-            parts.append(_listing("not in the model", ["/".join(p) for p in unexpected]))
+            parts.append(listing("not in the model", ["/".join(p) for p in unexpected]))
         raise WeightMismatchError("\n".join(parts))
     return unflatten_tree({p: flat[p] for p in flat_target})
 

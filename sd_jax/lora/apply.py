@@ -23,7 +23,7 @@ import numpy as np
 
 from sd_jax.convert import core
 from sd_jax.convert.limits import short
-from sd_jax.lora.files import (COMPONENTS, ECHO, TEXT_PREFIX, LoraAdapter, LoraFormatError, _listing, module_names,
+from sd_jax.lora.files import (COMPONENTS, ECHO, TEXT_PREFIX, LoraAdapter, LoraFormatError, module_names,
                                read_lora, short_hash)
 
 Path_ = tuple[str, ...]
@@ -91,9 +91,9 @@ def prepare(adapter: LoraAdapter, params: Mapping[str, Any], source: str = "the 
     if missing or bad:
         lines = [f"{source} does not fit this model"]
         if missing:
-            lines.append(_listing("layers the model does not have", missing))
+            lines.append(core.listing("layers the model does not have", missing))
         if bad:
-            lines.append(_listing("shape mismatches", bad))
+            lines.append(core.listing("shape mismatches", bad))
         raise LoraFormatError("\n".join(lines))
     if not factors:
         raise LoraFormatError(f"{source} holds no layers")

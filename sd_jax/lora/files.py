@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from sd_jax.convert.core import listing
 from sd_jax.convert.limits import short
 
 COMPONENTS = ("unet", "text_encoder")
@@ -149,12 +150,12 @@ def parse_state_dict(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, s
                                   f"(one is {short(key, ECHO)})")
         slot[role] = np.asarray(value)
     if unknown:
-        raise LoraFormatError(f"{source}: {_listing('keys that are not LoRA down/up/alpha weights', unknown)}\n"
+        raise LoraFormatError(f"{source}: {listing('keys that are not LoRA down/up/alpha weights', unknown)}\n"
                               "sd_jax reads LoRA (kohya, diffusers/PEFT); LoHa/LoKr, DoRA and LoRA biases are not "
                               "supported")
     incomplete = [f"{c}.{m}" for (c, m), slot in parts.items() if not {"down", "up"} <= set(slot)]
     if incomplete:
-        raise LoraFormatError(f"{source}: {_listing('layers without both down and up weights', incomplete)}")
+        raise LoraFormatError(f"{source}: {listing('layers without both down and up weights', incomplete)}")
     if kind == "kohya":
         parts = _resolve_kohya(parts, module_names, source)
     alphas = _peft_alphas(metadata or {}) if kind == "peft" else {}
@@ -271,9 +272,9 @@ def _resolve_kohya(parts: dict[tuple[str, str], dict[str, np.ndarray]],
     if unmatched or ambiguous:
         lines = [f"{source}: kohya LoRA names that do not name one layer of this model"]
         if unmatched:
-            lines.append(_listing("matching no layer", unmatched))
+            lines.append(listing("matching no layer", unmatched))
         if ambiguous:
-            lines.append(_listing("matching several layers", ambiguous))
+            lines.append(listing("matching several layers", ambiguous))
         raise LoraFormatError("\n".join(lines))
     return resolved
 
@@ -307,14 +308,6 @@ def _pattern_alpha(config: Mapping[str, Any] | None, module: str, rank: int) -> 
         if any(re.fullmatch(rf"(.*\.)?{body}", name) for name in (module, bare)):
             return float(alpha)
     return float(config.get("lora_alpha", rank))
-
-
-def _listing(title: str, names: Iterable[str], limit: int = 20) -> str:
-    names = sorted(names)
-    lines = [f"{title} ({len(names)}):"] + [f"  - {short(n, ECHO)}" for n in names[:limit]]
-    if len(names) > limit:
-        lines.append(f"  ... and {len(names) - limit} more")
-    return "\n".join(lines)
 
 
 def module_names(params: Mapping[str, Any], component: str) -> set[str]:
