@@ -32,6 +32,7 @@ FLAG_KEYS = {
     "sample_every": "logging.sample_every", "mixed_precision": "train.mixed_precision",
     "grad_accum_steps": "optim.grad_accum_steps", "lr_schedule": "optim.lr_schedule",
     "skip_bad_images": "data.skip_bad_images", "save_single_file": "checkpoint.save_single_file",
+    "clip_skip": "train.clip_skip",
     "lora": "lora.enabled", "lora_rank": "lora.rank", "lora_alpha": "lora.alpha", "merge": "checkpoint.merge_lora",
 }
 SHOWN_DEFAULTS = {"lora_alpha": "the rank"}  # flags whose built-in default is not a plain value
@@ -60,6 +61,11 @@ def build_parser() -> common.ArgumentParser:
     p.add_argument("--text-encoder-lr", type=float, help="learning rate of the text encoder (none: --learning-rate)")
     p.add_argument("--train-batch-size", type=int, help="instance images per step (+ as many class images)")
     p.add_argument("--train-text-encoder", action="store_true", default=None, help="fine-tune the text encoder too")
+    p.add_argument("--clip-skip", type=int, metavar="N",
+                   help="condition the UNet on the text encoder's hidden state N layers before the last (class "
+                        "images and samples too); AUTOMATIC1111's \"Clip skip\" and kohya's --clip_skip are N + 1 "
+                        "(their 2, as NovelAI-derived anime models use, is --clip-skip 1); sample the result "
+                        "with the same value (generate.py --clip-skip N)")
     p.add_argument("--prior-loss-weight", type=float, help="weight of the class-image (prior preservation) loss")
     p.add_argument("--checkpoint-every", type=int, help="save a resumable checkpoint every N steps")
     p.add_argument("--sample-every", type=int, help="validation samples every N steps (0: none)")

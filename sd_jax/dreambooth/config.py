@@ -41,6 +41,7 @@ LORA_UNET_TARGETS = ("attention", "proj", "ff", "conv")
 LORA_TEXT_ENCODER_TARGETS = ("attention", "mlp")
 MAX_LORA_RANK = 1024
 MAX_LORA_ALPHA = 65536.0
+MAX_CLIP_SKIP = limits.CLIP_TEXT["num_hidden_layers"]  # layers skipped: below the text encoder's layer count
 
 
 class ConfigError(ValueError):
@@ -178,6 +179,7 @@ class TrainingConfig:
     mixed_precision: str = "float32"    # "bfloat16": bf16 compute, float32 master weights and Adam state
     remat: bool = False                 # recompute UNet blocks in the backward pass
     skip_nonfinite_updates: bool = True  # a NaN/inf loss or gradient leaves the weights unchanged
+    clip_skip: int = 0                  # text encoder layers skipped (AUTOMATIC1111's "Clip skip" = N + 1)
 
     def __post_init__(self):
         _check_int("train.max_train_steps", self.max_train_steps, 1, limits.MAX_TRAIN_STEPS)
@@ -193,6 +195,10 @@ class TrainingConfig:
         _check_choice("train.mixed_precision", self.mixed_precision, MIXED_PRECISION)
         _check_bool("train.remat", self.remat)
         _check_bool("train.skip_nonfinite_updates", self.skip_nonfinite_updates)
+        if isinstance(self.clip_skip, bool) or not isinstance(self.clip_skip, int) \
+                or not 0 <= self.clip_skip < MAX_CLIP_SKIP:
+            _fail("train.clip_skip", self.clip_skip, f"expected an integer in [0, {MAX_CLIP_SKIP - 1}]: the text "
+                  "encoder layers skipped, 0 none (AUTOMATIC1111's 'Clip skip' N+1: its 2 is 1 here)")
 
 
 def _check_targets(name: str, value: Any, choices: Sequence[str]) -> None:

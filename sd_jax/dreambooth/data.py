@@ -217,7 +217,7 @@ def _existing_class_images(folder: Path, limit: int) -> list[Path]:
 
 def ensure_class_images(pipe: Any, concept: Concept, *, resolution: int, batch_size: int, seed: int,
                         num_inference_steps: int = DEFAULT_STEPS, guidance_scale: float = DEFAULT_GUIDANCE,
-                        scheduler: str | None = None, progress: bool = True) -> list[Path]:
+                        scheduler: str | None = None, clip_skip: int = 0, progress: bool = True) -> list[Path]:
     """Make ``concept.class_dir`` hold ``num_class_images`` images; return their paths (sorted).
 
     Readable images already there (the user's or an earlier run's) are reused;
@@ -227,7 +227,8 @@ def ensure_class_images(pipe: Any, concept: Concept, *, resolution: int, batch_s
     through a temporary file and a rename. Class image ``index`` gets seed
     ``seed + index``, and the indices continue after those present, so an
     interrupted generation resumes where it stopped and ends with the images
-    of an uninterrupted run. ``pipe`` may be None when nothing is missing.
+    of an uninterrupted run. ``clip_skip``: the text encoder layers skipped, as
+    the run trains. ``pipe`` may be None when nothing is missing.
     Multi-host: call it on one process (then a barrier) when the folder is
     shared, or on every host into host-local folders.
     """
@@ -262,7 +263,8 @@ def ensure_class_images(pipe: Any, concept: Concept, *, resolution: int, batch_s
             index = list(range(lo, min(lo + batch_size, start + missing)))
             result = pipe.generate([concept.class_prompt] * len(index), height=resolution, width=resolution,
                                    num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                                   scheduler=scheduler, seed=[seed + i for i in index], batch_size=len(index))
+                                   scheduler=scheduler, seed=[seed + i for i in index], batch_size=len(index),
+                                   clip_skip=clip_skip)
             for k, (i, img) in enumerate(zip(index, result.images)):
                 meta = image_metadata(result, k, extra={"class_index": i})  # sd_jax.outputs: one schema
                 made.append(save_png(img, folder / f"class-{i:05d}-{seed + i}.png", meta))

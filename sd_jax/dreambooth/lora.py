@@ -195,6 +195,8 @@ def kohya_metadata(config: TrainConfig, steps: int) -> dict[str, str]:
         "ss_learning_rate": str(config.optim.learning_rate), "ss_unet_lr": str(config.optim.learning_rate),
         "ss_text_encoder_lr": str(config.text_encoder_lr), "ss_seed": str(config.seed),
         "ss_prior_loss_weight": str(config.train.prior_loss_weight),
+        # kohya's --clip_skip counts as AUTOMATIC1111's "Clip skip" (sd_jax's + 1); unset, it writes "None"
+        "ss_clip_skip": str(config.train.clip_skip + 1) if config.train.clip_skip else "None",
         "ss_mixed_precision": config.train.mixed_precision, "ss_training_comment": "sd_jax Dreambooth LoRA",
     }
 

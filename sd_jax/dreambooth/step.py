@@ -21,8 +21,9 @@ and class examples together, a multiple of the device count, see :func:`pad_batc
   cached VAE posterior (unscaled), sampled in the step; ``latents`` (B, h, w, 4),
   already sampled and scaled, used as they are.
 - text, one of: ``input_ids`` (B, 77) int32 (the text encoder runs in the step:
-  trainable, or ``frozen["text_encoder"]``); ``text_embeddings`` (B, 77, D) cached
-  (only while the text encoder does not train).
+  trainable, or ``frozen["text_encoder"]``, skipping its last ``train.clip_skip`` layers);
+  ``text_embeddings`` (B, 77, D) cached with the same clip skip (only while the text
+  encoder does not train).
 - ``prior_mask`` (B,) 1.0 for class (prior) rows, 0.0 for instance rows; absent: all instance.
 - ``valid`` (B,) 0.0 for padding rows; absent: all rows count.
 - optional, for tests and reference runs: ``timesteps`` (B,) int32, ``noise`` (B, h, w, 4)
@@ -358,6 +359,7 @@ def make_loss_fn(models: StepModels, config: TrainConfig) -> Callable[..., tuple
     t_cfg = config.train
     dtype = models.compute_dtype
     ac = jnp.asarray(models.alphas_cumprod)
+    clip_skip = int(t_cfg.clip_skip)  # static: the layers skipped are not computed
 
     def trained(name, trainable, frozen):
         """A training module's weights in the compute dtype (LoRA: its frozen base with the adapters merged)."""
@@ -381,8 +383,9 @@ def make_loss_fn(models: StepModels, config: TrainConfig) -> Callable[..., tuple
             return batch["text_embeddings"]
         if "text_encoder" in trainable:
             return models.text_encoder.apply({"params": trained("text_encoder", trainable, frozen)},
-                                             batch["input_ids"])
-        emb = models.text_encoder.apply({"params": _cast_floats(frozen["text_encoder"], dtype)}, batch["input_ids"])
+                                             batch["input_ids"], clip_skip=clip_skip)
+        emb = models.text_encoder.apply({"params": _cast_floats(frozen["text_encoder"], dtype)}, batch["input_ids"],
+                                        clip_skip=clip_skip)
         return jax.lax.stop_gradient(emb)  # (B, 77, D)
 
     def loss_fn(trainable, frozen, batch):

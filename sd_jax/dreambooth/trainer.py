@@ -98,6 +98,14 @@ def data_concepts(config: TrainConfig) -> list[dbdata.Concept]:
     return out
 
 
+def check_clip_skip(pipe: Any, config: TrainConfig) -> None:
+    """``train.clip_skip`` leaves at least one of the loaded text encoder's layers (checked before any work)."""
+    skip, layers = config.train.clip_skip, pipe.text_encoder.config.num_hidden_layers
+    if skip >= layers:
+        raise ConfigError(f"train.clip_skip {skip} must be below the text encoder's {layers} layers (0 to "
+                          f"{layers - 1}; AUTOMATIC1111's 'Clip skip' is N+1)")
+
+
 def prepare_class_images(pipe: Any, config: TrainConfig, concepts: list[dbdata.Concept],
                          progress: bool = True) -> None:
     """Generate the missing class images with the frozen starting model (process 0 of a multi-host run)."""
@@ -109,7 +117,8 @@ def prepare_class_images(pipe: Any, config: TrainConfig, concepts: list[dbdata.C
             dbdata.ensure_class_images(pipe, concept, resolution=config.data.resolution, batch_size=ci.batch_size,
                                        seed=ci.seed if ci.seed is not None else config.seed,
                                        num_inference_steps=ci.num_inference_steps,
-                                       guidance_scale=ci.guidance_scale, scheduler=ci.scheduler, progress=progress)
+                                       guidance_scale=ci.guidance_scale, scheduler=ci.scheduler,
+                                       clip_skip=config.train.clip_skip, progress=progress)
     if jax.process_count() > 1:  # the others wait (class folders must be on a shared filesystem)
         from jax.experimental import multihost_utils
 
@@ -144,7 +153,8 @@ class BatchBuilder:
             return {"input_ids": np.asarray(self.pipe.tokenize(prompts), np.int32)}
         missing = sorted({p for p in prompts if p not in self.embeddings})
         if missing:
-            for p, e in zip(missing, np.asarray(self.pipe.encode_prompt(missing, prompt_syntax="plain"))):
+            embeddings = self.pipe.encode_prompt(missing, clip_skip=self.config.train.clip_skip, prompt_syntax="plain")
+            for p, e in zip(missing, np.asarray(embeddings)):
                 self.embeddings[p] = e
         return {"text_embeddings": np.stack([self.embeddings[p] for p in prompts])}
 
@@ -238,7 +248,7 @@ def sample_images(pipe: Any, params: dict[str, Any], config: TrainConfig, seed: 
     res = config.data.resolution
     return trained.generate(_validation_prompts(config), height=res, width=res, seed=seed,
                             num_inference_steps=config.logging.sample_steps,
-                            guidance_scale=config.logging.sample_guidance_scale)
+                            guidance_scale=config.logging.sample_guidance_scale, clip_skip=config.train.clip_skip)
 
 
 def _host(tree: Any) -> Any:
@@ -313,6 +323,7 @@ def _train(config: TrainConfig, run: RunDir, *, pipe: Any, resume: bool | None, 
     if pipe is None:
         pipe = StableDiffusion.from_pretrained(config.model.path, variant=config.model.variant,
                                                attention=config.model.attention, safety_checker=False)
+    check_clip_skip(pipe, config)  # before class images and cached latents
     prepare_class_images(pipe, config, concepts, progress)
     dataset = dbdata.DreamboothDataset(concepts, resolution=config.data.resolution,
                                        batch_size=config.train.train_batch_size, seed=config.seed,
@@ -423,6 +434,9 @@ def _train(config: TrainConfig, run: RunDir, *, pipe: Any, resume: bool | None, 
     report = summary.as_dict()
     if jax.process_index() == 0:  # with --no-progress too
         summary.print()
+        if config.train.clip_skip:  # the UNet learned this conditioning: sampling must use the same
+            print(f"trained with clip skip: sample with clip_skip={config.train.clip_skip} (generate.py --clip-skip "
+                  f"{config.train.clip_skip}; AUTOMATIC1111's Clip skip {config.train.clip_skip + 1})", flush=True)
     return TrainResult(output_dir=paths.root, final_dir=final_dir, single_file=single, steps=total,
                        final_loss=last_loss, summary=report, resumed_from=resume_step)
 
@@ -439,6 +453,8 @@ def _header(config: TrainConfig, dataset: Any, mesh: Any, start: int, total: int
             f"{config.optim.grad_accum_steps} ({images_per_update} images per update); {mesh.size} "
             f"{mesh.devices.flat[0].platform} devices (data {parts.get('data', 1)} x fsdp {parts.get('fsdp', 1)}); "
             f"{config.train.mixed_precision}; text encoder {'trained' if config.train.train_text_encoder else 'frozen'}"
+            + (f" (clip skip {config.train.clip_skip}: A1111 {config.train.clip_skip + 1})"
+               if config.train.clip_skip else "")
             + (f"; LoRA rank {config.lora.rank} alpha {config.lora.alpha or config.lora.rank:g} on "
                f"{', '.join(config.lora.targets)} (base {config.lora.base_dtype})" if config.lora.enabled else "")
             + f"; output {config.output_dir}")
