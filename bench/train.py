@@ -21,10 +21,13 @@ aliased, which is what a GPU/TPU would need on the device).
     python bench/train.py --unet small       # a small UNet: checks the script in a minute
     python bench/train.py --estimate --resolution 512 [--fsdp 8]   # XLA's memory estimate only
 
-``--lora-rank R`` (with ``--lora-base-dtype``, ``--lora-targets``) times or estimates LoRA Dreambooth
-instead: rank-R adapters train (float32, with their AdamW state) over the frozen UNet stored in the
-base dtype (sd_jax only; the PyTorch reference stays the full fine-tune).
+``--lora-rank R`` (with ``--lora-base-dtype``, ``--lora-targets``) adds LoRA Dreambooth beside each
+setting: rank-R adapters train (float32, with their AdamW state) over the frozen UNet stored in the
+base dtype. Each setting then runs twice in the same invocation, full fine-tune and LoRA, and the
+table gives LoRA / full (s/step, peak memory, XLA estimate) and the adapters' size; the PyTorch
+reference stays the full fine-tune.
 
+    python bench/train.py --resolution 512 --settings bf16 --skip-torch --lora-rank 4   # s/step, LoRA vs full
     python bench/train.py --estimate --resolution 512 --lora-rank 4 --lora-base-dtype bfloat16
 
 ``--estimate`` compiles the sd_jax step for each setting without allocating anything and prints
@@ -252,12 +255,13 @@ def jax_worker(job: dict) -> dict:
         jax.block_until_ready((holder["state"], metrics))
         losses.append(float(metrics["loss"]))
 
+    n_adapter = sum(x.size for x in jax.tree.leaves(holder["state"].params)) if cfg.lora.enabled else 0
     setup_rss = _status_gib("VmRSS")
     reset_peak()
     times = timed_steps(step, job["warmup"], job["steps"])
     return {"times": times, "setup_rss": setup_rss, "step_peak": _status_gib("VmHWM"), "losses": losses,
             "compile_s": compile_s, "xla_gib": xla_gib, "version": jax.__version__,
-            "xla_flags": os.environ.get("XLA_FLAGS", "")}
+            "xla_flags": os.environ.get("XLA_FLAGS", ""), "adapter_params": n_adapter}
 
 
 # ----------------------------------------------------------------------------- driver
@@ -317,16 +321,18 @@ def run_estimates(args) -> None:
     from common import machine
 
     rows = []
-    for s in args.settings:
+    kinds = [False, True] if args.lora_rank else [False]  # LoRA: beside the full fine-tune of each setting
+    for s, with_lora in [(s, k) for s in args.settings for k in kinds]:
         dtype, remat = SETTINGS[s]
-        job = {"name": f"estimate-{s}-fsdp{args.fsdp}{_lora_tag(args)}", "impl": "estimate", "dtype": dtype,
-               "remat": remat, "fsdp": args.fsdp, "resolution": args.resolution, "unet": args.unet, **_lora_job(args)}
+        tag, lora_job = (_lora_tag(args), _lora_job(args)) if with_lora else ("", {})
+        job = {"name": f"estimate-{s}-fsdp{args.fsdp}{tag}", "impl": "estimate", "dtype": dtype,
+               "remat": remat, "fsdp": args.fsdp, "resolution": args.resolution, "unet": args.unet, **lora_job}
         work = args.dir or Path(tempfile.mkdtemp(prefix="sd_jax_bench_train_"))
         work.mkdir(parents=True, exist_ok=True)
         r = run_worker(job, work, args.timeout,
                        env={**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={args.fsdp}"})
-        print(f"  {s}: {r}", flush=True)
-        what = f"step {args.resolution}², {s}{_lora_tag(args, ', ')}, fsdp={args.fsdp}"
+        print(f"  {job['name']}: {r}", flush=True)
+        what = f"step {args.resolution}², {s}{_lora_tag(args, ', ') if with_lora else ''}, fsdp={args.fsdp}"
         if "total" in r:
             rows.append((f"{what}: XLA memory per device",
                          f"{r['total']:.2f} GiB (state {r['args']:.2f} + temporaries {r['temp']:.2f})", "", ""))
@@ -421,8 +427,10 @@ def main() -> None:
         jobs.append({"name": "torch-fp32", "impl": "torch", "dtype": "float32", "remat": False})
     for s in args.settings:
         dtype, remat = SETTINGS[s]
-        jobs.append({"name": f"sd_jax-{s}{_lora_tag(args)}", "impl": "jax", "dtype": dtype, "remat": remat,
-                     **_lora_job(args)})
+        jobs.append({"name": f"sd_jax-{s}", "impl": "jax", "dtype": dtype, "remat": remat})
+        if args.lora_rank:  # the same setting with LoRA, right after its full fine-tune
+            jobs.append({"name": f"sd_jax-{s}{_lora_tag(args)}", "impl": "jax", "dtype": dtype, "remat": remat,
+                         **_lora_job(args)})
     results = {}
     for job in jobs:
         job.update(folder=str(folder), inputs=str(work / f"inputs-{args.resolution}.npz"), steps=args.steps,
@@ -440,6 +448,22 @@ def main() -> None:
                                       f"{r['step_peak']:.1f} GiB, losses {[round(x, 4) for x in r['losses']]}"
                                       if "times" in r else f"{r['error']}\n{r.get('log', '')}"), flush=True)
     print_table(results, args, n_params)
+
+
+def lora_rows(args, setting: str, lora_r: dict, full: dict) -> list[tuple[str, str, str, str]]:
+    """LoRA against the full fine-tune of the same setting, measured in the same invocation."""
+    what = f"step {args.resolution}², {setting}"
+    t_lora, t_full = statistics.median(lora_r["times"]), statistics.median(full["times"])
+    rows = [(f"{what}: LoRA / full fine-tune, s/step", f"{t_lora:.2f} / {t_full:.2f} s", "", f"{t_lora / t_full:.2f}"),
+            (f"{what}: LoRA / full fine-tune, peak RSS stepping", f"{lora_r['step_peak']:.1f} / "
+             f"{full['step_peak']:.1f} GiB", "", f"{lora_r['step_peak'] / full['step_peak']:.2f}")]
+    if lora_r.get("xla_gib") and full.get("xla_gib"):
+        rows.append((f"{what}: LoRA / full fine-tune, XLA memory estimate",
+                     f"{lora_r['xla_gib']:.2f} / {full['xla_gib']:.2f} GiB", "",
+                     f"{lora_r['xla_gib'] / full['xla_gib']:.2f}"))
+    n = lora_r["adapter_params"]  # float32 adapters: the PEFT file's size, give or take its header
+    rows.append((f"{what}: adapters", f"{n / 1e6:.2f} M parameters, {n * 4 / 2**20:.1f} MiB as float32", "", ""))
+    return rows
 
 
 def print_table(results: dict, args, n_params: int) -> None:
@@ -468,12 +492,16 @@ def print_table(results: dict, args, n_params: int) -> None:
             xla = f"{r['xla_gib']:.1f} GiB" if r.get("xla_gib") is not None else "n/a"
             rows.append((f"step {args.resolution}², {setting}: compile / XLA memory estimate",
                          f"{r['compile_s']:.0f} s / {xla}", "", ""))
+            full = results.get(name.removesuffix(_lora_tag(args)), {}) if args.lora_rank else {}
+            if r.get("adapter_params") and "times" in full:
+                rows += lora_rows(args, setting, r, full)
     print()
     jax_info = next((r for n, r in results.items() if n != "torch-fp32" and "times" in r), {})
     print(f"machine: {machine()}; torch {ref.get('version', '?')} ({ref.get('threads', '?')} threads); "
           f"XLA_FLAGS={jax_info.get('xla_flags', '')!r}; UNet {args.unet} ({n_params / 1e6:.0f} M parameters), "
           f"batch 1 instance + 1 class, AdamW; medians of {args.steps} steps after {args.warmup} warm-up; "
-          f"reference = torch fp32; ratio = sd_jax / torch (< 1: sd_jax faster / smaller)")
+          f"reference = torch fp32; ratio = sd_jax / torch (< 1: sd_jax faster / smaller)"
+          + ("; LoRA rows: ratio = LoRA / sd_jax's full fine-tune of the same setting" if args.lora_rank else ""))
     print(table(rows))
 
 
