@@ -222,7 +222,8 @@ def _check_output_dir(paths: RunPaths, config: TrainConfig, resume: bool | None,
         changed = sorted(k for k in set(before) | set(now)
                          if k not in ("logging", "checkpoint", "train", "output_dir")  # a moved folder resumes
                          and before.get(k) != now.get(k))
-        changed += ["train"] if before_train != now_train else []
+        changed += [f"train.{k}" for k in sorted(set(before_train) | set(now_train))  # e.g. train.clip_skip
+                    if before_train.get(k) != now_train.get(k)]
         if changed:
             raise ValueError(f"{paths.root} holds a run with a different configuration (sections differ: "
                              f"{', '.join(changed)}); resume with the same settings or use another --output-dir")
