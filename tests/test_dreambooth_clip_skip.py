@@ -46,7 +46,7 @@ class ContextProbe(nn.Module):
     @nn.compact
     def __call__(self, x, t, context):  # (B, h, w, C), (B,), (B, L, D)
         w = self.param("w", nn.initializers.normal(1.0), (context.shape[-1], x.shape[-1]))
-        return x + jnp.einsum("bld,dc->bc", context, w)[:, None, None, :]  # (B, h, w, C)
+        return x + jnp.einsum("bld,dc->bc", context, w)[:, None, None, :] / context.shape[1]  # (B, h, w, C)
 
 
 def _loss_setup(tiny_pipe, **train):
@@ -58,7 +58,7 @@ def _loss_setup(tiny_pipe, **train):
     models = dataclasses.replace(H.models(), unet=ContextProbe(),
                                  text_encoder=StepModels.from_pipeline(tiny_pipe, cfg).text_encoder)
     rng = np.random.default_rng(0)
-    probe = {"unet": {"w": rng.standard_normal((32, H.LATENT[-1])).astype(np.float32)}}
+    probe = {"unet": {"w": rng.standard_normal((32, H.LATENT[-1])).astype(np.float32) / np.sqrt(32)}}
     batch = {"latents": rng.standard_normal((4, *H.LATENT)).astype(np.float32),
              "timesteps": np.array([10, 500, 999, 250], np.int32),
              "noise": rng.standard_normal((4, *H.LATENT)).astype(np.float32),

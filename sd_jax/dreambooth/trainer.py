@@ -10,6 +10,11 @@ adapters as ``pytorch_lora_weights.safetensors`` (PEFT/diffusers) and ``kohya_lo
 merged diffusers folder with ``checkpoint.merge_lora``), ``config.json``,
 the run marker ``.sd_jax_run.json`` and the lock ``.sd_jax.lock`` (rules: :mod:`sd_jax.dreambooth.run_dir`).
 
+Clip skip (``train.clip_skip`` N, AUTOMATIC1111's "Clip skip" N+1): the UNet learns from the text encoder's
+layer N before the last, in the loss, the cached embeddings, the class images and the samples alike; the
+result is meant to be sampled with the same N. config.json records it, a LoRA's kohya file as ``ss_clip_skip``
+(N+1), and the run ends saying so (a diffusers folder has no field for it).
+
 Resume: a run whose output folder already holds checkpoints continues from the
 latest one (``resume=None``, the default), or must (``resume=True``), or starts
 over refusing to touch existing checkpoints (``resume=False``). The train
