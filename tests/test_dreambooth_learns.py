@@ -57,6 +57,37 @@ def write(folder: Path, images: np.ndarray) -> Path:
     return folder
 
 
+def subject_and_class(tmp_path: Path) -> tuple[Path, Path, Path, np.ndarray, np.ndarray, float]:
+    """The subject's and class's image folders, the tiny model made learnable on both, the mean latents
+    of the subject (red) and class (blue) images, and their RMS gap."""
+    from tiny import make_tiny_sd
+
+    subject, klass = squares("top-left", (220, 30, 30)), squares("bottom-right", (30, 30, 220))
+    instance_dir, class_dir = write(tmp_path / "sks", subject), write(tmp_path / "dog", klass)
+    folder = make_tiny_sd(tmp_path / "model", learnable_on=np.concatenate([subject, klass]) / 255.0)
+    pipe = StableDiffusion.from_pretrained(folder)
+    red = np.asarray(pipe.encode_image(subject / 255.0)).mean(axis=0)
+    blue = np.asarray(pipe.encode_image(klass / 255.0)).mean(axis=0)
+    gap = float(np.sqrt(((red - blue) ** 2).mean()))
+    assert gap > 0.8, f"subject and class latents must differ to test anything (RMS {gap:.3f})"
+    return Path(folder), instance_dir, class_dir, red, blue, gap
+
+
+def train_cli(model: Path, out: Path, instance_dir: Path, instance_prompt: str, steps: int, lr: float,
+              *extra: str, class_dir: Path | None = None) -> None:
+    """train_dreambooth.py on RES² images, seed 3, no flips, no checkpoints: in a one-device process
+    (a batch of 2 on 8 host devices is mostly padding). ``class_dir``: prior preservation with CLASS."""
+    prior = ["--class-prompt", CLASS, "--class-dir", str(class_dir), "--num-class-images", "4"] if class_dir else []
+    res = subprocess.run(
+        [sys.executable, str(ROOT / "train_dreambooth.py"), "--model", str(model), "--instance-dir",
+         str(instance_dir), "--instance-prompt", instance_prompt, *prior, "--output-dir", str(out),
+         "--resolution", str(RES), "--seed", "3", "--max-train-steps", str(steps), "--learning-rate", str(lr),
+         "--checkpoint-every", "100000", "--no-progress", "--set", "data.random_flip=false", *extra],
+        capture_output=True, text=True, timeout=1800, cwd=ROOT,
+        env={**os.environ, "SD_JAX_COMPILATION_CACHE": "0", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+
+
 def sample_latents(pipe: StableDiffusion, prompt: str) -> np.ndarray:
     """(8, h, w, 4) final latents of 20-step DDIM, no guidance, one per seed in SEEDS."""
     sched = get_scheduler("ddim")
@@ -85,29 +116,12 @@ def distances(pipe: StableDiffusion, red: np.ndarray, blue: np.ndarray) -> dict[
 
 @pytest.mark.slow  # ~75 s: a quality check; the trainer's behaviour is covered by test_dreambooth_train
 def test_dreambooth_learns_the_subject_and_keeps_the_class(tmp_path):
-    from tiny import make_tiny_sd
+    folder, instance_dir, class_dir, red, blue, gap = subject_and_class(tmp_path)
+    before = distances(StableDiffusion.from_pretrained(folder), red, blue)
 
-    subject, klass = squares("top-left", (220, 30, 30)), squares("bottom-right", (30, 30, 220))
-    instance_dir, class_dir = write(tmp_path / "sks", subject), write(tmp_path / "dog", klass)
-    folder = make_tiny_sd(tmp_path / "model", learnable_on=np.concatenate([subject, klass]) / 255.0)
-    pipe = StableDiffusion.from_pretrained(folder)
-    red = np.asarray(pipe.encode_image(subject / 255.0)).mean(axis=0)
-    blue = np.asarray(pipe.encode_image(klass / 255.0)).mean(axis=0)
-    gap = float(np.sqrt(((red - blue) ** 2).mean()))
-    assert gap > 0.8, f"subject and class latents must differ to test anything (RMS {gap:.3f})"
-    before = distances(pipe, red, blue)
-
-    # Through the CLI, in a one-device process (a batch of 2 on 8 host devices is mostly padding).
     out = tmp_path / "run"
-    res = subprocess.run(
-        [sys.executable, str(ROOT / "train_dreambooth.py"), "--model", str(folder), "--instance-dir",
-         str(instance_dir), "--instance-prompt", INSTANCE, "--class-prompt", CLASS, "--class-dir", str(class_dir),
-         "--num-class-images", "4", "--output-dir", str(out), "--resolution", str(RES), "--seed", "3",
-         "--max-train-steps", "1000", "--learning-rate", "1e-3", "--checkpoint-every", "100000", "--no-progress",
-         "--set", "data.random_flip=false", "--set", "logging.sample_every=0", "--set", "logging.log_every=100"],
-        capture_output=True, text=True, timeout=900, cwd=ROOT,
-        env={**os.environ, "SD_JAX_COMPILATION_CACHE": "0", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"})
-    assert res.returncode == 0, res.stderr[-3000:]
+    train_cli(folder, out, instance_dir, INSTANCE, 1000, 1e-3, "--set", "logging.sample_every=0",
+              "--set", "logging.log_every=100", class_dir=class_dir)
     after = distances(StableDiffusion.from_pretrained(out / "final"), red, blue)
     report = f"before {before}\nafter {after}"
 

@@ -441,65 +441,62 @@ def test_lora_run_files_load_in_diffusers(tiny_folder, tmp_path):
         assert np.abs(want - before).max() > 1e-2 * scale, f"{name}: the LoRA must change the output to test it"
 
 
-@pytest.mark.slow  # ~1000 updates: a quality check, as tests/test_dreambooth_learns.py for the full fine-tune
+@pytest.mark.slow  # ~5 min: a starting model is trained first, then the LoRA (test_dreambooth_learns.py's setup)
 def test_lora_learns_the_subject_and_keeps_the_class(tmp_path):
-    """tests/test_dreambooth_learns.py's setup, training LoRA adapters through the CLI (--merge, samples):
-    the loss falls and the merged model's samples move to the subject, along (red - blue).
+    """LoRA Dreambooth learns the subject over a starting model that knows the class, as a real one does.
 
-    Not reached (measured, 1000 updates): the full fine-tune's separation of the instance and class
-    prompts. The tiny UNet is random, not a denoiser (its samples start 13.7 RMS from any image), and LoRA
-    leaves most of it as it is. Rank 16 on every target group (ResNet convolutions included), lr 1e-2: loss
-    1.88 -> 0.65 (means of the first and last 100 updates), instance samples 13.7 -> 2.89 from the subject,
-    cosine 0.50, but instance and class samples only 0.13 RMS apart (the full fine-tune: 0.67 vs 1.23
-    from red). Attention only, rank 4: 13.7 -> 11.3. Rank 32: the loss barely falls (2.13 -> 2.02); with
-    text-encoder adapters at lr 1e-2 the prompts' samples coincide."""
+    tests/test_dreambooth_learns.py's subject (red square, "a photo of sks dog") and class (blue square,
+    "a photo of dog"). The tiny model is random, not a denoiser, and a low-rank update cannot make a
+    random UNet one (measured: rank 16 everywhere moves instance samples only from 13.7 to 2.9 RMS from
+    the subject, with the prompts inseparable). So the starting model is made as real checkpoints are
+    made: a full fine-tune on the class images and prompt (1500 updates). It draws the class for both
+    prompts. Then the LoRA of lora.yaml (rank 4 on the UNet attention, the base frozen in bfloat16), at
+    lr 3e-3, trains through the CLI with prior preservation, --merge and samples.
+
+    Measured on this machine: the starting model's samples are 0.75 from blue and 1.22 from red for
+    both prompts (0.008 RMS apart). After the LoRA, instance samples are 0.99 from red and 1.28 from
+    blue, class samples 1.10 from red and 0.74 from blue, and the per-seed difference (instance - class)
+    points along (red - blue) with cosine 0.94 (the full fine-tune from the random model: 0.67 / 1.23 and
+    1.03 / 0.79, cosine 0.96). The loss falls 0.77 -> 0.33 (means of the first and last 100 updates).
+    Rank 8 on attention, proj and feed-forward: 0.94 / 1.42 and 1.11 / 0.65, cosine 0.96. Bounds keep
+    >= 2x margins; adapters that ignored the prompt, or paired it with the wrong images, fail them."""
     import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
 
-    from test_dreambooth_learns import CLASS, INSTANCE, RES, distances, squares, write
-    from tiny import make_tiny_sd
+    from test_dreambooth_learns import CLASS, INSTANCE, distances, subject_and_class, train_cli
 
     from sd_jax import StableDiffusion
 
-    root = Path(__file__).resolve().parents[1]
-    subject, klass = squares("top-left", (220, 30, 30)), squares("bottom-right", (30, 30, 220))
-    instance_dir, class_dir = write(tmp_path / "sks", subject), write(tmp_path / "dog", klass)
-    folder = make_tiny_sd(tmp_path / "model", learnable_on=np.concatenate([subject, klass]) / 255.0)
-    pipe = StableDiffusion.from_pretrained(folder)
-    red = np.asarray(pipe.encode_image(subject / 255.0)).mean(axis=0)
-    blue = np.asarray(pipe.encode_image(klass / 255.0)).mean(axis=0)
-    gap = float(np.sqrt(((red - blue) ** 2).mean()))
-    assert gap > 0.8, f"subject and class latents must differ to test anything (RMS {gap:.3f})"
-    before = distances(pipe, red, blue)
+    folder, instance_dir, class_dir, red, blue, gap = subject_and_class(tmp_path)
+    train_cli(folder, tmp_path / "base", class_dir, CLASS, 1500, 1e-3, "--set", "logging.sample_every=0",
+              "--set", "logging.log_every=500")
+    base = tmp_path / "base" / "final"
+    before = distances(StableDiffusion.from_pretrained(base), red, blue)
+    # The starting model draws the class for both prompts: nearer blue than red, and the prompts' samples
+    # differ by ~1% of their distance to the subject.
+    for prompt in ("instance", "class"):
+        assert before[f"{prompt}_to_red"] - before[f"{prompt}_to_blue"] > 0.2, before
+    assert before["diff_rms"] < 0.05 * before["instance_to_red"], before
 
     out = tmp_path / "run"
-    res = subprocess.run(
-        [sys.executable, str(root / "train_dreambooth.py"), "--model", str(folder), "--instance-dir",
-         str(instance_dir), "--instance-prompt", INSTANCE, "--class-prompt", CLASS, "--class-dir", str(class_dir),
-         "--num-class-images", "4", "--output-dir", str(out), "--resolution", str(RES), "--seed", "3",
-         "--max-train-steps", "1000", "--learning-rate", "1e-2", "--checkpoint-every", "100000", "--no-progress",
-         "--lora-rank", "16", "--set", "lora.targets=[attention,proj,ff,conv]", "--merge",
-         "--sample-every", "1000", "--set", "logging.sample_steps=4",
-         "--set", "data.random_flip=false", "--set", "logging.log_every=1"],
-        capture_output=True, text=True, timeout=1800, cwd=root,
-        env={**os.environ, "SD_JAX_COMPILATION_CACHE": "0", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"})
-    assert res.returncode == 0, res.stderr[-3000:]
+    train_cli(base, out, instance_dir, INSTANCE, 1000, 3e-3, "--lora", "--set", "lora.base_dtype=bfloat16", "--merge",
+              "--sample-every", "1000", "--set", "logging.sample_steps=4", "--set", "logging.log_every=1",
+              class_dir=class_dir)
     rows = [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
     losses = np.array([r["train/loss"] for r in rows])
     first, last = losses[:100].mean(), losses[-100:].mean()  # each update draws its own timesteps: average
     after = distances(StableDiffusion.from_pretrained(out / "final"), red, blue)
     report = f"loss {first:.4f} -> {last:.4f}\nbefore {before}\nafter {after}"
+    print(report)  # pytest -rP shows the figures
     assert len(list((out / "samples").glob("step001000-*.png"))) == 1, report  # instance prompt, merged weights
     assert len(losses) == 1000 and last < 0.7 * first, report
-    # Before: the prompts barely matter and every sample is far from both kinds of image.
-    assert before["diff_rms"] < 0.05 * before["instance_to_red"] and abs(before["cosine"]) < 0.5, report
-    # After: instance samples moved to the subject (test_dreambooth_learns.py's bound) ...
-    assert after["instance_to_red"] < 0.25 * before["instance_to_red"], report
-    # ... and what the instance prompt changes, per seed, points from the class images to the subject.
-    assert after["cosine"] > 0.25, report
+    # After: instance samples moved to the subject (nearer it than to the class images) ...
+    assert after["instance_to_red"] < before["instance_to_red"] - 0.1, report
+    assert after["instance_to_blue"] - after["instance_to_red"] > 0.14, report
+    # ... while class samples stay nearer the class images, farther from the subject than instance samples.
+    assert after["class_to_red"] - after["class_to_blue"] > 0.18, report
+    assert after["class_to_red"] - after["instance_to_red"] > 0.055, report
+    # Per seed, what the instance prompt changes points from the class images to the subject.
+    assert after["cosine"] > 0.6 and after["diff_rms"] > 0.25 * gap, report
 
 
 def test_resume_of_a_run_written_before_the_lora_section(tmp_path):
