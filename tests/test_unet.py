@@ -24,6 +24,7 @@ from sd_jax.convert.core import (WeightMismatchError, flatten_tree, flax_path_to
                                  load_state_dict)
 from sd_jax.models import attention as attention_mod  # noqa: E402
 from sd_jax.models.unet import UNet2DConditionModel, UNetConfig  # noqa: E402
+from step_harness import COMPILER_OPTIONS  # noqa: E402
 
 # The config.json of CompVis/stable-diffusion-v1-4/unet, verbatim.
 V14_CONFIG = {
@@ -225,10 +226,10 @@ def test_remat_same_names_outputs_and_gradients():
         UNet2DConditionModel(ONE_LEVEL, remat=remat).apply)({"params": params}, *inputs))))
     assert (n_remat(True), n_remat(False)) == (9, 0)
 
-    def loss_and_grad(remat):
+    def loss_and_grad(remat):  # compiled as step_harness compiles train steps (LLVM -O0: half the compile time)
         apply = UNet2DConditionModel(ONE_LEVEL, remat=remat).apply
         loss = lambda p: jnp.mean(apply({"params": p}, *inputs) ** 2)
-        return jax.jit(jax.value_and_grad(loss))(params)
+        return jax.jit(jax.value_and_grad(loss)).lower(params).compile(compiler_options=COMPILER_OPTIONS)(params)
 
     (loss, grads), (loss_r, grads_r) = loss_and_grad(False), loss_and_grad(True)
     np.testing.assert_allclose(loss_r, loss, rtol=1e-6)
