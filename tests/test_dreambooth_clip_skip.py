@@ -170,29 +170,71 @@ def test_cli_clip_skip_flag_and_bad_values(tiny_folder, tmp_path, capsys):
     assert not list((tmp_path / "out").glob("checkpoints/*"))
 
 
-def test_lora_run_records_clip_skip(tiny_folder, tmp_path, capsys):
-    """A 2-step LoRA run with --clip-skip 1 and prior preservation: the class image and the sample carry
-    clip_skip 1 in their PNG text (A1111's "Clip skip: 2"), the kohya file's ss_clip_skip is "2" (kohya's and
-    A1111's count), config.json holds train.clip_skip 1, and the run ends saying how to sample. (The class image
-    and the sample share one compiled sampler.)"""
+class _Asked(Exception):
+    """Raised by :class:`RecordingPipe` with the keyword arguments generate() was called with."""
+
+
+@dataclasses.dataclass
+class RecordingPipe:
+    """Stands in for the pipeline where only generate()'s arguments matter (no sampler compile)."""
+
+    params: dict
+
+    def generate(self, prompts, **kwargs):
+        raise _Asked(kwargs)
+
+
+def test_class_images_and_samples_are_generated_with_clip_skip(tmp_path):
+    """The trainer's class images and validation samples ask the pipeline for the run's clip skip (their PNG text
+    then records it: sd_jax.outputs.image_metadata; the slow run below reads it back)."""
+    from sd_jax.dreambooth.trainer import data_concepts, prepare_class_images, sample_images
+
+    cfg = load_config(None, {
+        "model.path": "unused", "output_dir": str(tmp_path / "out"), "train.clip_skip": 1,
+        "concepts": [{"instance_dir": str(_images(tmp_path / "sks")), "instance_prompt": "a photo of sks dog",
+                      "class_prompt": "a photo of dog", "class_dir": str(tmp_path / "class"), "num_class_images": 1}]})
+    for generate in (lambda: prepare_class_images(RecordingPipe({}), cfg, data_concepts(cfg), progress=False),
+                     lambda: sample_images(RecordingPipe({}), {}, cfg)):
+        with pytest.raises(_Asked) as asked:
+            generate()
+        assert asked.value.args[0]["clip_skip"] == 1
+
+
+def _lora_run(tiny_folder, tmp_path, *extra):
+    """A 2-step LoRA run with --clip-skip 1 through the CLI (in-process): its output folder and what it printed."""
     from sd_jax.cli.train import main
+
+    out = tmp_path / "out"
+    argv = ["--model", str(tiny_folder), "--instance-dir", str(_images(tmp_path / "sks")), "--instance-prompt",
+            "a photo of sks dog", "--output-dir", str(out), "--resolution", "32", "--max-train-steps", "2",
+            "--checkpoint-every", "2", "--lora", "--clip-skip", "1", "--no-progress", *extra]
+    assert main(argv) == 0
+    return out
+
+
+def test_lora_run_records_clip_skip(tiny_folder, tmp_path, capsys):
+    """A 2-step LoRA run with --clip-skip 1: the kohya file's ss_clip_skip is "2" (kohya's and A1111's count),
+    config.json holds train.clip_skip 1, the header and the end of the run say it and how to sample."""
     from sd_jax.dreambooth import lora
     from sd_jax.lora import read_lora
 
-    out, class_dir = tmp_path / "out", tmp_path / "class"
-    argv = ["--model", str(tiny_folder), "--instance-dir", str(_images(tmp_path / "sks")), "--instance-prompt",
-            "a photo of sks dog", "--class-prompt", "a photo of dog", "--class-dir", str(class_dir),
-            "--num-class-images", "1", "--output-dir", str(out), "--resolution", "32", "--max-train-steps", "2",
-            "--checkpoint-every", "2", "--sample-every", "2", "--lora", "--clip-skip", "1", "--no-progress",
-            "--set", "logging.sample_steps=2", "--set", "class_images.num_inference_steps=2",
-            "--set", "class_images.batch_size=1"]
-    assert main(argv) == 0
+    out = _lora_run(tiny_folder, tmp_path)
     printed = capsys.readouterr().out
-    assert "clip skip 1: A1111 2" in printed  # the header
+    assert "text encoder frozen (clip skip 1: A1111 2)" in printed  # the header
     assert "sample with clip_skip=1 (generate.py --clip-skip 1; AUTOMATIC1111's Clip skip 2)" in printed
     _, meta = read_lora(out / "final" / lora.KOHYA_FILE)
     assert meta["ss_clip_skip"] == "2"
     assert json.loads((out / "config.json").read_text())["train"]["clip_skip"] == 1
+
+
+@pytest.mark.slow  # ~30-60 s: the test above plus a sampler compile
+def test_lora_run_class_images_and_samples_record_clip_skip(tiny_folder, tmp_path):
+    """The same run with prior preservation and samples: the class image and the sample carry clip_skip 1 in
+    their PNG text and A1111's "Clip skip: 2" (they share one compiled sampler)."""
+    class_dir = tmp_path / "class"
+    out = _lora_run(tiny_folder, tmp_path, "--class-prompt", "a photo of dog", "--class-dir", str(class_dir),
+                    "--num-class-images", "1", "--sample-every", "2", "--set", "logging.sample_steps=2",
+                    "--set", "class_images.num_inference_steps=2", "--set", "class_images.batch_size=1")
     pngs = sorted(class_dir.glob("*.png")) + sorted((out / "samples").glob("*.png"))
     assert len(pngs) == 2
     for png in pngs:
