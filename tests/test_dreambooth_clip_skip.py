@@ -145,10 +145,23 @@ def test_clip_skip_past_the_text_encoder_is_refused_before_class_images(tiny_pip
         "concepts": [{"instance_dir": str(_images(tmp_path / "sks")), "instance_prompt": "a photo of sks dog",
                       "class_prompt": "a photo of dog", "class_dir": str(class_dir), "num_class_images": 2}],
         "data.resolution": 32, "train.clip_skip": 2, "class_images.num_inference_steps": 2})
+
+    class Watched:
+        """tiny_pipe, noting the expensive calls: class images (generate) and cached latents (latent_moments)."""
+
+        def __init__(self):
+            self.calls = []
+
+        def __getattr__(self, name):
+            if name in ("generate", "latent_moments"):
+                self.calls.append(name)
+            return getattr(tiny_pipe, name)
+
+    pipe = Watched()
     with pytest.raises(ConfigError, match=r"train.clip_skip 2 must be below the text encoder's 2 layers \(0 to 1; "
                                           r"AUTOMATIC1111's 'Clip skip' is N\+1\)"):
-        train(cfg, pipe=tiny_pipe, progress=False)
-    assert not list(class_dir.glob("*.png"))
+        train(cfg, pipe=pipe, progress=False)
+    assert pipe.calls == [] and not list(class_dir.glob("*.png"))
 
 
 def test_cli_clip_skip_flag_and_bad_values(tiny_folder, tmp_path, capsys):
