@@ -36,7 +36,9 @@ ADAM_EPS = 1e-4
 # float32 step). Every test compares such steps with each other (accumulated against one batch, sharded against
 # one device, bf16 against float32), so what they check is the program, not how LLVM tuned its loops.
 COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
-# The same, for a subprocess's XLA_FLAGS (the CLI, pod and notebook tests compare or check what the programs do).
+# The same, for a subprocess's XLA_FLAGS: the CLI and notebook end-to-end tests check what the programs write,
+# not their last bits. (Not test_pod's 2-process runs: there a norm weight near 1 with a ~4e-5 update differs
+# by 1 float32 ulp between the runs at -O0, 3e-3 of the update, over that test's 1e-3 bound.)
 FAST_COMPILE_XLA_FLAGS = " ".join(f"--{k}={v}" for k, v in COMPILER_OPTIONS.items())
 
 

@@ -19,6 +19,7 @@ from PIL import Image
 from sd_jax import StableDiffusion
 from sd_jax.dreambooth.config import load_config
 from sd_jax.dreambooth.trainer import TrainingDiverged, train
+from step_harness import FAST_COMPILE_XLA_FLAGS
 
 ROOT = Path(__file__).resolve().parents[1]
 RES = 32
@@ -67,7 +68,9 @@ def test_cli_end_to_end(tiny_folder, tmp_path):
                     "--checkpoint-every", "2", "--sample-every", "3", "--learning-rate", "1e-5",
                     "--train-text-encoder", "--save-single-file", "--no-progress",
                     "--set", "class_images.num_inference_steps=2", "--set", "logging.sample_steps=2",
-                    "--set", "logging.log_every=1"])
+                    "--set", "logging.log_every=1"],
+                   # XLA's backend at -O0 (step_harness.COMPILER_OPTIONS): the same programs, half the compile time
+                   env_extra={"XLA_FLAGS": f"--xla_force_host_platform_device_count=1 {FAST_COMPILE_XLA_FLAGS}"})
     assert res.returncode == 0, res.stderr[-3000:]
     assert len(list((tmp_path / "class").glob("*.png"))) == 2
     assert (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir())
@@ -84,7 +87,8 @@ def test_cli_end_to_end(tiny_folder, tmp_path):
     gen = subprocess.run([sys.executable, str(ROOT / "generate.py"), "--model", str(out / "final"), "--prompt",
                           "a photo of sks dog", "--steps", "2", "--height", "32", "--width", "32",
                           "--outdir", str(tmp_path / "gen")], capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "SD_JAX_COMPILATION_CACHE": "0"})
+                         env={**os.environ, "SD_JAX_COMPILATION_CACHE": "0",
+                              "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE_XLA_FLAGS}"})
     assert gen.returncode == 0, gen.stderr[-2000:]
     assert list((tmp_path / "gen").glob("*.png"))
 
