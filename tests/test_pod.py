@@ -9,12 +9,17 @@ same step. The sampler splits prompts across processes and writes each image onc
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import pytest
@@ -29,6 +34,7 @@ TIMEOUT_S = 1500  # the machine may be shared: generous, the runs themselves are
 # weight after 2 steps). eps = 1e-4 bounds that amplification, as tests/step_harness.py does; a wrong batch
 # layout moves every tensor's update by ~100 % whatever eps is.
 ADAM_EPS = 1e-4
+T = TypeVar("T")
 
 
 def _subject_images(folder: Path, n: int = 3) -> Path:
@@ -42,11 +48,52 @@ def _subject_images(folder: Path, n: int = 3) -> Path:
     return folder
 
 
+def _clean_env(**extra: str) -> dict[str, str]:
+    """This environment without the caller's JAX/XLA/TPU settings, the compilation cache off, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_", "TPU_"))}
+    env.update(SD_JAX_COMPILATION_CACHE="0", **extra)
+    return env
+
+
+@contextlib.contextmanager
+def two_processes(args: list[str], log_dir: Path, **extra_env: str) -> Iterator[list[subprocess.Popen]]:
+    """``python ARGS`` as 2 processes x 2 CPU devices of one JAX job, started directly (no launcher: as on a
+    pod, where nothing stops the others when one dies), writing ``log_dir/p0.log`` and ``p1.log``.
+    On leaving, a process still running is killed; both are reaped and their logs closed."""
+    from sd_jax.launch import child_env, free_port
+
+    port, base = free_port(), _clean_env(**extra_env)
+    logs = [open(log_dir / f"p{i}.log", "w") for i in range(2)]
+    procs: list[subprocess.Popen] = []
+    try:
+        for i in range(2):
+            procs.append(subprocess.Popen([sys.executable, *args], env=child_env(base, i, 2, port, 2), cwd=ROOT,
+                                          stdout=logs[i], stderr=subprocess.STDOUT))
+        yield procs
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+        for f in logs:
+            f.close()
+
+
+def wait_while_running(procs: list[subprocess.Popen], found: Callable[[], T | None], poll_s: float) -> T | None:
+    """Poll ``found()`` every ``poll_s`` seconds while every process runs (at most TIMEOUT_S); its first
+    non-None value, or None when a process ended or time ran out first."""
+    deadline = time.monotonic() + TIMEOUT_S
+    while time.monotonic() < deadline and all(p.poll() is None for p in procs):
+        if (value := found()) is not None:
+            return value
+        time.sleep(poll_s)
+    return None
+
+
 def launch(processes: int, devices: int, command: list[str], log_dir: Path,
            timeout: float = TIMEOUT_S) -> subprocess.CompletedProcess:
     """``python -m sd_jax.launch`` with a clean JAX environment; process 0's output is captured."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_", "TPU_"))}
-    env.update(SD_JAX_COMPILATION_CACHE="0", PYTHONPATH=str(ROOT))
+    env = {**_clean_env(), "PYTHONPATH": str(ROOT)}
     argv = [sys.executable, "-m", "sd_jax.launch", "--processes", str(processes), "--devices-per-process",
             str(devices), "--log-dir", str(log_dir), "--grace", "60", "--", *command]
     return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
@@ -199,40 +246,22 @@ def test_unet_and_text_encoder_train_as_one(tiny_folder, tmp_path):
 def test_one_process_dying_stops_the_other_then_the_run_resumes(tiny_folder, tmp_path):
     """SIGKILL process 1 mid-run (no launcher: as on a pod): process 0 ends by itself, with JAX's message,
     within the heartbeat/shutdown bounds; the same command then resumes from the last checkpoint."""
-    import signal
-    import time
-
-    from sd_jax.launch import child_env, free_port
-
     instance = _subject_images(tmp_path / "dog")
     out = tmp_path / "out"
     args = _train_args(tiny_folder, instance, out, "--max-train-steps", "12", "--checkpoint-every", "1",
                        "--learning-rate", "1e-4")
-    port = free_port()
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
-    base.update(SD_JAX_COMPILATION_CACHE="0", SD_JAX_HEARTBEAT_TIMEOUT_S="15", SD_JAX_SHUTDOWN_TIMEOUT_S="15")
-    logs = [open(tmp_path / f"p{i}.log", "w") for i in range(2)]
-    procs = [subprocess.Popen([sys.executable, *args], env=child_env(base, i, 2, port, 2), cwd=ROOT,
-                              stdout=logs[i], stderr=subprocess.STDOUT) for i in range(2)]
-    try:
-        deadline = time.monotonic() + TIMEOUT_S
-        ckpts = out / "checkpoints"
-        while time.monotonic() < deadline and all(p.poll() is None for p in procs):
-            if ckpts.is_dir() and any(p.name.isdigit() and int(p.name) >= 2 for p in ckpts.iterdir()):
-                break
-            time.sleep(0.1)
+    ckpts = out / "checkpoints"
+
+    def checkpoint_2_written():
+        return ckpts.is_dir() and any(p.name.isdigit() and int(p.name) >= 2 for p in ckpts.iterdir()) or None
+
+    with two_processes(args, tmp_path, SD_JAX_HEARTBEAT_TIMEOUT_S="15", SD_JAX_SHUTDOWN_TIMEOUT_S="15") as procs:
+        wait_while_running(procs, checkpoint_2_written, poll_s=0.1)
         assert all(p.poll() is None for p in procs), "the run ended before a process could be killed"
         procs[1].send_signal(signal.SIGKILL)
         killed_at = time.monotonic()
         status = procs[0].wait(timeout=240)
         waited = time.monotonic() - killed_at
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-            p.wait()
-        for f in logs:
-            f.close()
     text = (tmp_path / "p0.log").read_text(errors="replace")
     assert status != 0, text[-3000:]
     assert waited < 120, f"process 0 needed {waited:.0f} s to stop after process 1 died"
@@ -251,43 +280,23 @@ def test_every_process_killed_during_a_save_then_the_run_resumes_as_if_uninterru
     """SIGKILL both processes while a checkpoint is being written (its Orbax temporary folder exists); the
     same command then resumes from the last complete checkpoint and ends with the weights of a run that was
     never interrupted."""
-    import signal
-    import time
-
-    from sd_jax.launch import child_env, free_port
-
     instance = _subject_images(tmp_path / "dog")
     recipe = ["--max-train-steps", "8", "--checkpoint-every", "1", "--learning-rate", "1e-4",
               "--set", f"optim.adam_epsilon={ADAM_EPS}"]
     out = tmp_path / "out"
     args = _train_args(tiny_folder, instance, out, *recipe)
-    port = free_port()
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
-    base.update(SD_JAX_COMPILATION_CACHE="0")
-    logs = [open(tmp_path / f"p{i}.log", "w") for i in range(2)]
-    procs = [subprocess.Popen([sys.executable, *args], env=child_env(base, i, 2, port, 2), cwd=ROOT,
-                              stdout=logs[i], stderr=subprocess.STDOUT) for i in range(2)]
-    caught = None
-    try:
-        deadline = time.monotonic() + TIMEOUT_S
-        ckpts = out / "checkpoints"
-        while caught is None and time.monotonic() < deadline and all(p.poll() is None for p in procs):
-            if ckpts.is_dir():
-                for p in ckpts.iterdir():
-                    m = re.match(r"^(\d+)\.orbax-checkpoint-tmp", p.name)
-                    if m and int(m.group(1)) >= 2:
-                        caught = int(m.group(1))
-            if caught is None:
-                time.sleep(0.002)
+    ckpts = out / "checkpoints"
+
+    def save_in_progress():
+        """The step of an Orbax temporary folder of step >= 2, if one exists now."""
+        steps = [int(m.group(1)) for p in (ckpts.iterdir() if ckpts.is_dir() else ())
+                 if (m := re.match(r"^(\d+)\.orbax-checkpoint-tmp", p.name))]
+        return max(steps) if steps and max(steps) >= 2 else None
+
+    with two_processes(args, tmp_path) as procs:
+        caught = wait_while_running(procs, save_in_progress, poll_s=0.002)
         for p in procs:
             p.send_signal(signal.SIGKILL)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-            p.wait()
-        for f in logs:
-            f.close()
     assert caught is not None, "no save was caught in progress: " + (tmp_path / "p0.log").read_text()[-3000:]
     assert not (out / "final").exists()
 
