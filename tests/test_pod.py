@@ -2,7 +2,8 @@
 ``python -m sd_jax.launch``) against 1 process x 8 devices, on the tiny model.
 
 The trainer must run the same computation whatever the process count: same final weights (the two runs'
-updates from the starting weights agree per tensor to 1e-3 of the update and 1e-5 of the weights' scale),
+updates from the starting weights agree per tensor to 1e-3 of the update and 1e-5 of the weights' scale,
+give or take one float32 step of the stored weights),
 class images made once, outputs written once by process 0, a NaN stop reached by every process at the
 same step. The sampler splits prompts across processes and writes each image once, as one process would.
 """
@@ -24,6 +25,7 @@ from typing import TypeVar
 import numpy as np
 import pytest
 from PIL import Image
+from step_harness import FAST_COMPILE_XLA_FLAGS
 
 ROOT = Path(__file__).resolve().parents[1]
 RES = 32
@@ -91,9 +93,10 @@ def wait_while_running(procs: list[subprocess.Popen], found: Callable[[], T | No
 
 
 def launch(processes: int, devices: int, command: list[str], log_dir: Path,
-           timeout: float = TIMEOUT_S) -> subprocess.CompletedProcess:
-    """``python -m sd_jax.launch`` with a clean JAX environment; process 0's output is captured."""
-    env = {**_clean_env(), "PYTHONPATH": str(ROOT)}
+           timeout: float = TIMEOUT_S, **extra_env: str) -> subprocess.CompletedProcess:
+    """``python -m sd_jax.launch`` with a clean JAX environment (plus ``extra_env``); process 0's output is
+    captured."""
+    env = {**_clean_env(**extra_env), "PYTHONPATH": str(ROOT)}
     argv = [sys.executable, "-m", "sd_jax.launch", "--processes", str(processes), "--devices-per-process",
             str(devices), "--log-dir", str(log_dir), "--grace", "60", "--", *command]
     return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
@@ -111,8 +114,12 @@ def _read_unet(folder: Path) -> dict[str, np.ndarray]:
     return {k: np.asarray(v) for k, v in weights.items()}
 
 
-def assert_same_training(start: dict, a: dict, b: dict, update_tol: float = 1e-3, scale_tol: float = 1e-5) -> None:
-    """Per tensor: |update_a - update_b| <= update_tol * |update| and <= scale_tol * |weights| (max norms)."""
+def assert_same_training(start: dict, a: dict, b: dict, update_tol: float = 1e-3, scale_tol: float = 1e-5,
+                         float32_steps: int = 0) -> None:
+    """Per tensor: |update_a - update_b| <= update_tol * |update| and <= scale_tol * |weights| (max norms),
+    each plus ``float32_steps`` float32 spacings of the tensor's largest weight: the weights are stored in
+    float32, so two runs whose updates agree to far below that can still land one representable value apart
+    (a norm weight near 1.0 updated by 4e-5: one spacing, 1.2e-7, is 3e-3 of its update)."""
     assert a.keys() == b.keys() == start.keys()
     moved = 0
     for name in start:
@@ -120,9 +127,11 @@ def assert_same_training(start: dict, a: dict, b: dict, update_tol: float = 1e-3
         ua, ub = a[name] - w0, b[name] - w0
         size = max(np.abs(ua).max(), np.abs(ub).max())
         diff = np.abs(ua - ub).max()
+        rounding = float32_steps * float(np.spacing(np.float32(max(np.abs(a[name]).max(), np.abs(b[name]).max()))))
         moved += size > 0
-        assert diff <= update_tol * size, f"{name}: updates differ by {diff / max(size, 1e-30):.2e} of their size"
-        assert diff <= scale_tol * max(np.abs(w0).max(), 1e-30), f"{name}: updates differ by {diff:.2e}"
+        assert diff <= update_tol * size + rounding, \
+            f"{name}: updates differ by {diff / max(size, 1e-30):.2e} of their size"
+        assert diff <= scale_tol * max(np.abs(w0).max(), 1e-30) + rounding, f"{name}: updates differ by {diff:.2e}"
     assert moved == len(start), f"only {moved} of {len(start)} tensors were trained"
 
 
@@ -145,7 +154,9 @@ def test_two_processes_train_as_one(tiny_folder, tmp_path):
     runs = {}
     for name, processes, devices in (("pod", 2, 4), ("one", 1, 8)):
         out, logs = tmp_path / name, tmp_path / f"{name}-logs"
-        res = launch(processes, devices, _train_args(tiny_folder, instance, out, *recipe), logs)
+        # XLA's backend at -O0 (step_harness.COMPILER_OPTIONS) in both runs: the same programs, compiled faster
+        res = launch(processes, devices, _train_args(tiny_folder, instance, out, *recipe), logs,
+                     XLA_FLAGS=FAST_COMPILE_XLA_FLAGS)
         assert res.returncode == 0, _report(res, logs)
         runs[name] = out
 
@@ -158,7 +169,8 @@ def test_two_processes_train_as_one(tiny_folder, tmp_path):
             img.load()
             assert img.size == (RES, RES) and img.text["prompt"] == "a photo of dog"
 
-    assert_same_training(_read_unet(tiny_folder), _read_unet(runs["pod"] / "final"), _read_unet(runs["one"] / "final"))
+    assert_same_training(_read_unet(tiny_folder), _read_unet(runs["pod"] / "final"), _read_unet(runs["one"] / "final"),
+                         float32_steps=1)
 
     pod = runs["pod"]
     steps = [json.loads(line)["step"] for line in (pod / "logs" / "metrics.jsonl").read_text().splitlines()]
