@@ -52,11 +52,11 @@ def _fail(name: str, value: Any, valid: str) -> None:
     raise ConfigError(f"{name}={short(value)} is not valid: {valid}")
 
 
-def _check_int(name: str, value: Any, low: int, high: int, allow_none: bool = False) -> None:
+def _check_int(name: str, value: Any, low: int, high: int, allow_none: bool = False, note: str = "") -> None:
     if value is None and allow_none:
         return
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        _fail(name, value, f"expected an integer in [{low}, {high}]" + (" or null" if allow_none else ""))
+        _fail(name, value, f"expected an integer in [{low}, {high}]" + (" or null" if allow_none else "") + note)
 
 
 def _check_float(name: str, value: Any, low: float | None = None, high: float | None = None,
@@ -195,10 +195,8 @@ class TrainingConfig:
         _check_choice("train.mixed_precision", self.mixed_precision, MIXED_PRECISION)
         _check_bool("train.remat", self.remat)
         _check_bool("train.skip_nonfinite_updates", self.skip_nonfinite_updates)
-        if isinstance(self.clip_skip, bool) or not isinstance(self.clip_skip, int) \
-                or not 0 <= self.clip_skip < MAX_CLIP_SKIP:
-            _fail("train.clip_skip", self.clip_skip, f"expected an integer in [0, {MAX_CLIP_SKIP - 1}]: the text "
-                  "encoder layers skipped, 0 none (AUTOMATIC1111's 'Clip skip' N+1: its 2 is 1 here)")
+        _check_int("train.clip_skip", self.clip_skip, 0, MAX_CLIP_SKIP - 1, note=": the text encoder layers "
+                   "skipped, 0 none (AUTOMATIC1111's 'Clip skip' N+1: its 2 is 1 here)")
 
 
 def _check_targets(name: str, value: Any, choices: Sequence[str]) -> None:
